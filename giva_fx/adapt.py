@@ -1,0 +1,159 @@
+"""`adapt()`: the pipeline capture -> match -> profile -> bases -> rewrite, as a list of stages."""
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from giva_fx.adapters import ADAPTERS, make_adapter
+from giva_fx.batches import Batch, as_batches
+from giva_fx.capture import capture, signature_of
+from giva_fx.errors import BatchError, ConfigError, MatchError
+from giva_fx.loss import LossFn
+from giva_fx.model import AdaptReport, GivaModel
+from giva_fx.passes.bases import Bases, check_init, check_rank, compute_bases
+from giva_fx.passes.match import MatchResult, WeightOp, match
+from giva_fx.passes.mode import set_training
+from giva_fx.passes.profile import profile
+from giva_fx.passes.rewrite import rewrite
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """What to adapt and how; validated on construction. Each field is documented on `adapt`."""
+
+    rank: int = 8
+    init: str = "Vr"
+    targets: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ("linear",)
+    train: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_rank(self.rank)
+        check_init(self.init)
+        unknown = [k for k in self.kinds if k not in ADAPTERS]
+        if unknown or not self.kinds:
+            raise ConfigError(f"unknown op kinds {unknown or list(self.kinds)}; choose from {list(ADAPTERS)}")
+        for field_name in ("targets", "exclude", "train"):
+            value = getattr(self, field_name)
+            if isinstance(value, str):
+                object.__setattr__(self, field_name, (value,))
+            elif value is not None:
+                object.__setattr__(self, field_name, tuple(value))
+
+
+def _gradient_2d(grad: torch.Tensor, op: WeightOp) -> torch.Tensor:
+    """The gradient as (out x in), whatever the weight's stored layout."""
+    return grad.T if op.layout == "in_out" else grad.reshape(op.out_features, op.in_features)
+
+
+def _select(gm: fx.GraphModule, aliases: dict[str, tuple[str, ...]], config: AdaptConfig) -> MatchResult:
+    found = match(gm, aliases=aliases, targets=config.targets, exclude=config.exclude,
+                  kinds=config.kinds, train=config.train)
+    if not found.ops and not config.train:
+        seen = ", ".join(s.weight_name or "?" for s in found.skipped) or "none"
+        raise MatchError(
+            f"no op selected for adaptation (targets={config.targets}, exclude={config.exclude}, "
+            f"kinds={config.kinds}); weight ops seen: {seen}. Adjust targets=/exclude=/kinds="
+        )
+    return found
+
+
+def _train_fully(gm: fx.GraphModule, patterns: Sequence[str]) -> tuple[str, ...]:
+    """Give `train=` parameters their own trainable copy (the user's model is never written)."""
+    names = tuple(n for n, _ in gm.named_parameters() if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+    if patterns and not names:
+        raise MatchError(f"train={list(patterns)} matches no parameter; names look like "
+                         f"{[n for n, _ in gm.named_parameters()][:5]}")
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        setattr(gm.get_submodule(owner), attr, nn.Parameter(gm.get_parameter(name).detach().clone()))
+    return names
+
+
+def _profile_bases(gm: fx.GraphModule, samples: list[Batch], ops: Sequence[WeightOp], config: AdaptConfig,
+                   loss_fn: LossFn | None, progress: bool) -> tuple[dict[str, Bases], list[float], float]:
+    """Profile gradients and turn each into bases as soon as it is final; (bases, losses, svd seconds)."""
+    by_name = {op.weight_name: op for op in ops}
+    bases: dict[str, Bases] = {}
+    svd_s = [0.0]
+
+    def on_gradient(name: str, grad: torch.Tensor | None) -> None:
+        op, start = by_name[name], time.perf_counter()
+        bases[name] = compute_bases(None if grad is None else _gradient_2d(grad, op),
+                                    out_features=op.out_features, in_features=op.in_features,
+                                    rank=config.rank, init=config.init, seed=config.seed, name=name)
+        svd_s[0] += time.perf_counter() - start
+
+    if config.init == "random":  # no gradient needed
+        for name in by_name:
+            on_gradient(name, None)
+        return bases, [], svd_s[0]
+    losses = profile(gm, samples, list(by_name), on_gradient, loss_fn=loss_fn, progress=progress)
+    return bases, losses, svd_s[0]
+
+
+def adapt(
+    model: nn.Module,
+    batches: Any,
+    *,
+    rank: int = 8,
+    init: str = "Vr",
+    loss_fn: LossFn | None = None,
+    targets: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str = (),
+    kinds: Sequence[str] = ("linear",),
+    train: Sequence[str] | str = (),
+    seed: int = 0,
+    progress: bool = True,
+) -> GivaModel:
+    """Rewrite `model` into a GiVA-adapted `GivaModel`; `model` itself is not modified.
+
+    Args:
+        model: any nn.Module that `torch.export` can capture on `batches`.
+        batches: one batch (tensor, dict of tensors, or `(inputs, target)`) or a list / DataLoader
+            of them; gradients are averaged over all of them. The first one is used for capture,
+            so the adapted model takes inputs of the same structure (other sizes are fine).
+        rank: r, clamped per op to what its shape allows (with a warning naming the op).
+        init: bases mode: "Vr" (default), "VrUr", "VrU2r", "VrUrand", or "random" (VeRA-like).
+        loss_fn: `loss_fn(output, batch) -> scalar`; default: the model's own loss when it returns
+            one (HF models given labels), else cross-entropy for `(inputs, integer target)`.
+        targets: glob patterns on weight names to adapt (default: every linear-type op except
+            heads producing the model's output and tied weights).
+        exclude: glob patterns of weights not to adapt.
+        kinds: op kinds to adapt.
+        train: glob patterns of parameters to train fully (e.g. a new classifier head).
+        seed: seeds every random part of the bases (per op, independent of order and process).
+        progress: show progress bars.
+    """
+    config = AdaptConfig(rank=rank, init=init, targets=targets, exclude=exclude,
+                         kinds=tuple(kinds), train=train, seed=seed)
+    samples = as_batches(batches)
+    t0 = time.perf_counter()
+    captured = capture(model, samples[0])
+    for i, sample in enumerate(samples[1:], 1):
+        if signature_of(sample) != captured.signature:
+            raise BatchError(f"batch {i} has inputs {signature_of(sample)}, unlike batch 0 "
+                             f"{captured.signature}; every batch must call the model the same way")
+    gm = captured.graph_module
+    t1 = time.perf_counter()
+    found = _select(gm, captured.aliases, config)
+    full_train = _train_fully(gm, config.train)
+    bases, losses, svd_s = _profile_bases(gm, samples, found.ops, config, loss_fn, progress)
+    t2 = time.perf_counter()
+    adapters = {op.weight_name: make_adapter(op, bases[op.weight_name], gm.get_parameter(op.weight_name))
+                for op in found.ops}
+    rewrite(gm, found.ops, adapters)
+    adapted = GivaModel(gm, found, config, AdaptReport(t1 - t0, t2 - t1 - svd_s, svd_s,
+                                                      time.perf_counter() - t2, tuple(losses)),
+                        captured.signature, full_train)
+    set_training(gm, model.training)
+    return adapted.train(model.training)
