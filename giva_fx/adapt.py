@@ -13,13 +13,12 @@ from torch import nn
 
 from giva_fx.adapters import ADAPTERS, make_adapter
 from giva_fx.batches import Batch, as_batches
-from giva_fx.capture import capture, signature_of
+from giva_fx.capture import Captured, capture, signature_of
 from giva_fx.errors import BatchError, ConfigError, MatchError
 from giva_fx.loss import LossFn
 from giva_fx.model import AdaptReport, GivaModel
 from giva_fx.passes.bases import Bases, check_init, check_rank, compute_bases
 from giva_fx.passes.match import MatchResult, WeightOp, match
-from giva_fx.passes.mode import set_training
 from giva_fx.passes.profile import profile
 from giva_fx.passes.rewrite import rewrite
 
@@ -143,17 +142,22 @@ def adapt(
         if signature_of(sample) != captured.signature:
             raise BatchError(f"batch {i} has inputs {signature_of(sample)}, unlike batch 0 "
                              f"{captured.signature}; every batch must call the model the same way")
-    gm = captured.graph_module
     t1 = time.perf_counter()
-    found = _select(gm, captured.aliases, config)
-    full_train = _train_fully(gm, config.train)
-    bases, losses, svd_s = _profile_bases(gm, samples, found.ops, config, loss_fn, progress)
+    found = _select(captured.graph_module, captured.aliases, config)
+    full_train = _train_fully(captured.graph_module, config.train)
+    bases, losses, svd_s = _profile_bases(captured.graph_module, samples, found.ops, config, loss_fn, progress)
     t2 = time.perf_counter()
+    adapted = assemble(captured, found, bases, config, full_train)
+    adapted.report = AdaptReport(t1 - t0, t2 - t1 - svd_s, svd_s, time.perf_counter() - t2, tuple(losses))
+    return adapted.train(model.training)
+
+
+def assemble(captured: Captured, found: MatchResult, bases: dict[str, Bases], config: AdaptConfig,
+             full_train: tuple[str, ...] = ()) -> GivaModel:
+    """Rewrite the captured graph with one adapter per op from ready bases (no profiling): the
+    last stage of `adapt`, and all that loading a saved adapter needs after capture and match."""
+    gm = captured.graph_module
     adapters = {op.weight_name: make_adapter(op, bases[op.weight_name], gm.get_parameter(op.weight_name))
                 for op in found.ops}
     rewrite(gm, found.ops, adapters)
-    adapted = GivaModel(gm, found, config, AdaptReport(t1 - t0, t2 - t1 - svd_s, svd_s,
-                                                      time.perf_counter() - t2, tuple(losses)),
-                        captured.signature, full_train)
-    set_training(gm, model.training)
-    return adapted.train(model.training)
+    return GivaModel(gm, found, config, AdaptReport(), captured.signature, full_train)
