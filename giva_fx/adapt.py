@@ -14,7 +14,7 @@ from torch import nn
 from giva_fx.adapters import ADAPTERS, make_adapter
 from giva_fx.batches import Batch, as_batches
 from giva_fx.capture import Captured, capture, signature_of
-from giva_fx.errors import BatchError, ConfigError, MatchError
+from giva_fx.errors import BatchError, CaptureError, ConfigError, MatchError
 from giva_fx.loss import LossFn
 from giva_fx.model import AdaptReport, GivaModel
 from giva_fx.passes.bases import Bases, check_init, check_rank, compute_bases
@@ -147,17 +147,44 @@ def adapt(
     full_train = _train_fully(captured.graph_module, config.train)
     bases, losses, svd_s = _profile_bases(captured.graph_module, samples, found.ops, config, loss_fn, progress)
     t2 = time.perf_counter()
-    adapted = assemble(captured, found, bases, config, full_train)
+    adapted = assemble(captured, found, bases, config, full_train, source=model)
     adapted.report = AdaptReport(t1 - t0, t2 - t1 - svd_s, svd_s, time.perf_counter() - t2, tuple(losses))
     return adapted.train(model.training)
 
 
 def assemble(captured: Captured, found: MatchResult, bases: dict[str, Bases], config: AdaptConfig,
-             full_train: tuple[str, ...] = ()) -> GivaModel:
+             full_train: tuple[str, ...] = (), *, source: nn.Module | None = None) -> GivaModel:
     """Rewrite the captured graph with one adapter per op from ready bases (no profiling): the
     last stage of `adapt`, and all that loading a saved adapter needs after capture and match."""
     gm = captured.graph_module
     adapters = {op.weight_name: make_adapter(op, bases[op.weight_name], gm.get_parameter(op.weight_name))
                 for op in found.ops}
     rewrite(gm, found.ops, adapters)
-    return GivaModel(gm, found, config, AdaptReport(), captured.signature, full_train)
+    return GivaModel(gm, found, config, AdaptReport(), captured.signature, full_train, source)
+
+
+def capture_variant(adapted: GivaModel, args: tuple[Any, ...], kwargs: dict[str, Any]) -> fx.GraphModule:
+    """Capture the source model for another input set and rewrite it with `adapted`'s own
+    adapters, parameters and buffers (objects shared, nothing copied)."""
+    captured = capture(adapted.source, Batch(tuple(args), dict(kwargs)))
+    gm = captured.graph_module
+    names = [op.weight_name for op in adapted.found.ops]
+    found = match(gm, aliases=captured.aliases, targets=names, kinds=adapted.config.kinds)
+    missing = sorted(set(names) - {op.weight_name for op in found.ops})
+    if missing:
+        raise CaptureError(f"with inputs {sorted(kwargs)} the model does not use adapted weights {missing}; "
+                           "call it with the inputs it was adapted with")
+    ours = adapted.graph_module
+    for name, tensor in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        owner, _, attr = name.rpartition(".")
+        try:
+            shared = ours.get_parameter(name) if isinstance(tensor, nn.Parameter) else ours.get_buffer(name)
+        except AttributeError:
+            continue
+        module = gm.get_submodule(owner)
+        if isinstance(shared, nn.Parameter):
+            setattr(module, attr, shared)
+        else:
+            module.register_buffer(attr, shared)
+    rewrite(gm, found.ops, adapted.adapters())
+    return gm

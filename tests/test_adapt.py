@@ -113,3 +113,23 @@ def test_gradient_bases_give_a_larger_first_step_than_random_bases(case):
                    if n.endswith("lambda_o")).sqrt().item()
 
     assert vector_grad_norm("Vr") > vector_grad_norm("random")
+
+
+def test_calls_without_labels_use_the_same_adapters():
+    """Adapted with labels (for the loss), called without them at inference: same function."""
+    from tests.models import bert
+
+    model, sample = bert()
+    adapted = giva_fx.adapt(model, sample, rank=2, progress=False)
+    with torch.no_grad():
+        for p in giva_fx.trainable_parameters(adapted).values():
+            p.add_(0.1)
+    adapted.eval()
+    no_labels = {k: v for k, v in sample.items() if k != "labels"}
+    with torch.no_grad():
+        full = adapted(**sample)
+        bare = adapted(**no_labels)
+    assert bare.loss is None and full.loss is not None
+    torch.testing.assert_close(bare.logits, full.logits, rtol=0, atol=1e-6)
+    assert len(giva_fx.trainable_parameters(adapted)) == 2 * len(adapted.adapters())
+    assert sum(1 for _ in adapted.parameters()) == sum(1 for _ in adapted.graph_module.parameters())
