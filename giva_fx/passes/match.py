@@ -41,7 +41,11 @@ OP_TABLE = MappingProxyType({
     aten.conv2d.padding: OpSpec("conv", 0, 1, "conv"),
     aten.conv3d.padding: OpSpec("conv", 0, 1, "conv"),
     aten.convolution.default: OpSpec("conv", 0, 1, "conv"),
+    aten.conv_transpose1d.default: OpSpec("conv", 0, 1, "conv"),
+    aten.conv_transpose2d.input: OpSpec("conv", 0, 1, "conv"),
+    aten.conv_transpose3d.input: OpSpec("conv", 0, 1, "conv"),
 })
+_TRANSPOSED_CONVS = frozenset({aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input})
 
 # ops that only reshape or pass a value on: a weight op reaching the output through these alone
 # produces the model's output (a head)
@@ -57,6 +61,33 @@ _SWAPPING_PERMS = ([1, 0], (1, 0))
 
 
 @dataclass(frozen=True)
+class ConvArgs:
+    """How a conv op slides its weight over the input, as the aten node says (defaults filled in)."""
+
+    ndim: int  # spatial dims: 1, 2 or 3
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str  # a string ("same" / "valid") for aten.convNd.padding
+    dilation: tuple[int, ...]
+    groups: int
+    transposed: bool = False  # aten.conv_transposeNd, or aten.convolution with transposed=True
+
+
+def _per_dim(value: object, ndim: int) -> tuple[int, ...]:
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    return values * ndim if len(values) == 1 else values
+
+
+def conv_args(node: fx.Node, ndim: int) -> ConvArgs:
+    """The `ConvArgs` of an aten conv node with an `ndim`-D kernel."""
+    args = node.normalized_arguments(node.graph.owning_module, normalize_to_only_use_kwargs=True).kwargs
+    padding = args["padding"]
+    return ConvArgs(ndim, _per_dim(args["stride"], ndim),
+                    padding if isinstance(padding, str) else _per_dim(padding, ndim),
+                    _per_dim(args["dilation"], ndim), int(args["groups"]),
+                    node.target in _TRANSPOSED_CONVS or bool(args.get("transposed", False)))
+
+
+@dataclass(frozen=True)
 class WeightOp:
     """A weight the rewrite will adapt, with the graph nodes that use it."""
 
@@ -67,6 +98,7 @@ class WeightOp:
     weight_shape: tuple[int, ...]
     out_features: int
     in_features: int  # for conv: in_channels / groups * prod(kernel)
+    conv: ConvArgs | None = None  # for conv ops: stride, padding, dilation, groups
 
 
 @dataclass(frozen=True)
@@ -91,6 +123,7 @@ class _Use:
     spec: OpSpec
     weight_name: str
     layout: str
+    conv: ConvArgs | None = None
 
 
 def _param_operand(gm: fx.GraphModule, arg: object) -> tuple[str, bool] | None:
@@ -136,6 +169,13 @@ def _uses(gm: fx.GraphModule) -> tuple[list[_Use], list[SkippedOp]]:
         weight = gm.get_parameter(name)
         if spec.kind == "linear" and weight.dim() != 2:
             skipped.append(SkippedOp(name, spec.kind, (node.name,), f"weight is {weight.dim()}-D, not 2-D"))
+            continue
+        if spec.kind == "conv":
+            conv = conv_args(node, weight.dim() - 2)
+            if conv.transposed:
+                skipped.append(SkippedOp(name, spec.kind, (node.name,), "transposed convolution (not supported)"))
+            else:
+                uses.append(_Use(node, spec, name, spec.layout, conv))
             continue
         layout = _flip(spec.layout) if transposed else spec.layout
         uses.append(_Use(node, spec, name, layout))
@@ -210,6 +250,8 @@ def match(
             skip("not matched by targets")
         elif len({u.layout for u in group}) > 1:
             skip("used with different layouts")
+        elif len({u.conv for u in group}) > 1:
+            skip("used by convs with different stride/padding/dilation/groups")
         elif targets is None and others:
             skip(f"tied to {', '.join(others)}; name it in targets= to adapt it")
         elif targets is None and any(produces_output(u.node) for u in group):
@@ -217,5 +259,5 @@ def match(
         else:
             weight = gm.get_parameter(name)
             out_f, in_f = weight_features(weight, group[0].layout)
-            ops.append(WeightOp(name, kind, group[0].layout, nodes, tuple(weight.shape), out_f, in_f))
+            ops.append(WeightOp(name, kind, group[0].layout, nodes, tuple(weight.shape), out_f, in_f, group[0].conv))
     return MatchResult(tuple(ops), tuple(skipped))
