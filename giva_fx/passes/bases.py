@@ -91,6 +91,19 @@ def random_bases(out_features: int, in_features: int, rank: int, seed: int) -> t
     return a, b
 
 
+def seeded_bases(init: str, out_features: int, in_features: int, rank: int, op_seed: int) -> dict[str, torch.Tensor]:
+    """The bases of `init` that depend on the per-op seed alone (B for Vr and VrUrand, A and B for
+    random): an adapter file may omit them and regenerate them bit for bit."""
+    if init == "random":
+        a, b = random_bases(out_features, in_features, rank, op_seed)
+        return {"A": a, "B": b}
+    if init == "Vr":
+        return {"B": random_orthonormal(out_features, rank, _generator(op_seed))}
+    if init == "VrUrand":
+        return {"B": torch.randn(out_features, rank, generator=_generator(op_seed)) / out_features**0.5}
+    return {}
+
+
 def gradient_problem(grad: torch.Tensor | None) -> str | None:
     """Why a gradient cannot define bases (missing, zero, non-finite), or None."""
     if grad is None:
@@ -121,21 +134,18 @@ def compute_bases(
     if init == "random" or problem is not None:
         if problem is not None:
             warnings.warn(f"{name}: {problem}; using random bases instead of {init}", stacklevel=2)
-        a, b = random_bases(out_features, in_features, rank, seed)
-        return Bases(a, b, "random", None if problem is None else f"{problem}; fell back to random")
+        seeded = seeded_bases("random", out_features, in_features, rank, seed)
+        return Bases(seeded["A"], seeded["B"], "random", None if problem is None else f"{problem}; fell back to random")
     g = grad.detach().to(torch.float32).reshape(out_features, in_features)
     q = min(max(4 * rank, 2 * rank if init == "VrU2r" else rank), min(g.shape))
     with torch.random.fork_rng(devices=[g.device] if g.device.type == "cuda" else []):
         torch.manual_seed(seed)
         u, _, v = torch.svd_lowrank(g, q=q, niter=4)
     a = v[:, :rank].T.contiguous()
-    gen = _generator(seed)
-    if init == "Vr":
-        b = random_orthonormal(out_features, rank, gen)
-    elif init == "VrUr":
+    if init == "VrUr":
         b = u[:, :rank].contiguous()
     elif init == "VrU2r":
         b = u[:, rank:2 * rank].contiguous()
-    else:  # VrUrand
-        b = torch.randn(out_features, rank, generator=gen) / out_features**0.5
+    else:  # Vr, VrUrand: B comes from the seed alone
+        b = seeded_bases(init, out_features, in_features, rank, seed)["B"]
     return Bases(a, b, init)
