@@ -28,3 +28,7 @@ class ConfigError(GivaError, ValueError):
 
 class AdapterFileError(GivaError):
     """An adapter file is unreadable, malformed, or does not fit the model."""
+
+
+class ExportError(GivaError):
+    """An ONNX export or ONNX Runtime training artifact could not be written, verified or read back."""
