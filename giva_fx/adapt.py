@@ -31,7 +31,7 @@ class AdaptConfig:
     init: str = "Vr"
     targets: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
-    kinds: tuple[str, ...] = ("linear",)
+    kinds: tuple[str, ...] = ("linear", "conv")
     train: tuple[str, ...] = ()
     seed: int = 0
 
@@ -109,7 +109,7 @@ def adapt(
     loss_fn: LossFn | None = None,
     targets: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str = (),
-    kinds: Sequence[str] = ("linear",),
+    kinds: Sequence[str] = ("linear", "conv"),
     train: Sequence[str] | str = (),
     seed: int = 0,
     progress: bool = True,
@@ -125,10 +125,11 @@ def adapt(
         init: bases mode: "Vr" (default), "VrUr", "VrU2r", "VrUrand", or "random" (VeRA-like).
         loss_fn: `loss_fn(output, batch) -> scalar`; default: the model's own loss when it returns
             one (HF models given labels), else cross-entropy for `(inputs, integer target)`.
-        targets: glob patterns on weight names to adapt (default: every linear-type op except
-            heads producing the model's output and tied weights).
+        targets: glob patterns on weight names to adapt (default: every op of the selected kinds
+            except heads producing the model's output and tied weights).
         exclude: glob patterns of weights not to adapt.
-        kinds: op kinds to adapt.
+        kinds: op kinds to adapt: "linear" (linear, addmm, mm, matmul) and "conv" (conv1d/2d/3d;
+            transposed convs are skipped); the others are listed as skipped in `summary()`.
         train: glob patterns of parameters to train fully (e.g. a new classifier head).
         seed: seeds every random part of the bases (per op, independent of order and process).
         progress: show progress bars.
@@ -169,7 +170,7 @@ def capture_variant(adapted: GivaModel, args: tuple[Any, ...], kwargs: dict[str,
     captured = capture(adapted.source, Batch(tuple(args), dict(kwargs)))
     gm = captured.graph_module
     names = [op.weight_name for op in adapted.found.ops]
-    found = match(gm, aliases=captured.aliases, targets=names, kinds=adapted.config.kinds)
+    found = match(gm, aliases=captured.aliases, targets=names, kinds=adapted.adapt_config.kinds)
     missing = sorted(set(names) - {op.weight_name for op in found.ops})
     if missing:
         raise CaptureError(f"with inputs {sorted(kwargs)} the model does not use adapted weights {missing}; "

@@ -47,7 +47,7 @@ class GivaModel(nn.Module):
         self.graph_module = graph_module
         self.variants = nn.ModuleDict()
         self.found = found
-        self.config = config
+        self.adapt_config = config
         self.report = report
         self.signature = signature
         object.__setattr__(self, "source", source)  # the user's model: not a submodule of ours
