@@ -1,0 +1,257 @@
+"""What every export shares: the adapted graph in eval form behind a flat tensor interface, one set of
+exporter settings, and ONNX initializers named the way `trainable_parameters` names them.
+
+The exported graph is a *copy* of the adapted graph (nodes copied, tensors and adapters shared), so
+switching it to eval form or folding dW into its weights never touches the adapted or the user's model.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+import torch.fx._pytree as fx_pytree
+from torch import nn
+
+from giva_fx.batches import Batch
+from giva_fx.capture import preserved_state
+from giva_fx.errors import ExportError
+from giva_fx.loss import logits_of, own_loss
+from giva_fx.model import GivaModel
+from giva_fx.passes.mode import set_training
+from giva_fx.passes.rewrite import ADAPTER_ROOT
+
+if TYPE_CHECKING:
+    import onnx as onnx_lib
+
+# The TorchScript exporter at opset 15 without constant folding is the one path where every lambda
+# stays a trainable initializer and ORT 1.19 can differentiate the whole graph: the dynamo exporter
+# folds `lambda.view(...)` into constants (or emits CastLike, which has no gradient in ORT 1.19),
+# opset >= 17 emits LayerNormalization, whose gradient ORT 1.19 cannot build inside a network, and
+# training=TRAINING keeps equal-valued lambdas as separate initializers instead of merging them.
+EXPORTER = MappingProxyType({"dynamo": False, "opset_version": 15, "do_constant_folding": False})
+MAX_IR_VERSION = 10  # the newest ONNX IR that onnxruntime(-training) 1.19 loads
+WRAPPER_ROOT = "graph"  # the exported module's attribute holding the graph: initializer names start with it
+
+INSTALL_HINT = ("pip install onnxruntime-training==1.19.2 onnx==1.17.0 (onnxruntime-training provides the "
+                "`onnxruntime` module: do not install plain onnxruntime next to it)")
+
+
+def require(module: str) -> Any:
+    """Import an optional dependency, or say what to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"giva_fx.export needs `{module}`: {INSTALL_HINT}") from exc
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One ONNX graph input and where a batch holds it: a positional index or a keyword."""
+
+    name: str
+    key: int | str
+    dtype: str  # torch dtype name, e.g. "int64"
+
+    def take(self, batch: Batch) -> torch.Tensor:
+        value = batch.args[self.key] if isinstance(self.key, int) else batch.kwargs.get(self.key)
+        if not isinstance(value, torch.Tensor):
+            where = f"positional input {self.key}" if isinstance(self.key, int) else f"key {self.key!r}"
+            raise ExportError(f"the batch has no tensor at {where} (ONNX input {self.name!r}); pass batches "
+                              "of the form the model was exported with")
+        return value
+
+
+def input_slots(batch: Batch, *, skip: Sequence[str] = ()) -> tuple[Slot, ...]:
+    """A slot per tensor input of `batch`: keywords by their name, positional inputs as `input` (one)
+    or `input_<i>` (several). Keywords in `skip` are left out (they stay at their sample value)."""
+    single = len(batch.args) == 1
+    slots = [Slot("input" if single else f"input_{i}", i, str(a.dtype).removeprefix("torch."))
+             for i, a in enumerate(batch.args) if isinstance(a, torch.Tensor)]
+    slots += [Slot(k, k, str(v.dtype).removeprefix("torch.")) for k, v in batch.kwargs.items()
+              if isinstance(v, torch.Tensor) and k not in skip]
+    return tuple(slots)
+
+
+def eval_graph(adapted: GivaModel, batch: Batch, *, merged: bool) -> fx.GraphModule:
+    """A copy of the graph that takes `batch`'s inputs, in eval form (no dropout, batch norm on running
+    statistics), sharing every tensor and adapter; `merged` drops the adapters and uses W + dW instead."""
+    if any(a.merged for a in adapted.adapters().values()):
+        raise ExportError("the adapted model is merged (giva_fx.merge): its adapters are switched off. Export "
+                          "before merging, or call giva_fx.unmerge(adapted, model) first")
+    source = adapted.graph_for(batch.args, batch.kwargs)
+    gm = fx.GraphModule(source, copy.deepcopy(source.graph))
+    set_training(gm, False)
+    if merged:
+        _fold_adapters(gm)
+    return gm
+
+
+def _fold_adapters(gm: fx.GraphModule) -> None:
+    """Remove each adapter call (and its add) and give the copy W + dW as a new frozen parameter."""
+    adapters: dict[str, nn.Module] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not node.target.startswith(f"{ADAPTER_ROOT}."):
+            continue
+        adapter = gm.get_submodule(node.target)
+        adapters[adapter.weight_name] = adapter
+        for add in list(node.users):
+            base = next(a for a in add.args if a is not node)
+            add.replace_all_uses_with(base)
+            gm.graph.erase_node(add)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    with torch.no_grad():
+        for name, adapter in adapters.items():
+            weight = gm.get_parameter(name)
+            delta = adapter.delta_for_weight().reshape(weight.shape)
+            owner, _, attr = name.rpartition(".")
+            merged = (weight.float() + delta).to(weight.dtype)
+            setattr(gm.get_submodule(owner), attr, nn.Parameter(merged, requires_grad=False))
+
+
+class FlatModel(nn.Module):
+    """The graph behind the interface `torch.onnx.export` needs: tensors in positionally (the `slots`
+    order; every other input keeps its sample value), a tuple of plain tensors out."""
+
+    def __init__(self, gm: fx.GraphModule, sample: Batch, slots: Sequence[Slot],
+                 outputs: Sequence[Callable[[Any], torch.Tensor]]) -> None:
+        super().__init__()
+        setattr(self, WRAPPER_ROOT, gm)
+        self.sample, self.slots, self.outputs = sample, tuple(slots), tuple(outputs)
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args, kwargs = list(self.sample.args), dict(self.sample.kwargs)
+        for slot, tensor in zip(self.slots, tensors):
+            if isinstance(slot.key, int):
+                args[slot.key] = tensor
+            else:
+                kwargs[slot.key] = tensor
+        out = getattr(self, WRAPPER_ROOT)(*args, **kwargs)
+        return tuple(pick(out) for pick in self.outputs)
+
+
+def flat_logits_output(out: Any) -> torch.Tensor:
+    """Logits as (N, classes), the form cross-entropy over the last dim takes (as `giva_fx.loss` does)."""
+    logits = logits_of(out)
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def loss_output(out: Any) -> torch.Tensor:
+    loss = own_loss(out)
+    if loss is None:
+        raise ExportError("loss='model' needs a model that returns its own loss (e.g. an HF model given labels "
+                          "in the sample batch); pass loss='cross_entropy' or 'mse' instead")
+    return loss
+
+
+def dynamic_axes(gm: fx.GraphModule, sample: Batch, slots: Sequence[Slot]) -> dict[str, dict[int, str]]:
+    """The input dims the captured graph keeps symbolic: dim 0 is `batch`, dim 1 of an integer input
+    (token ids, masks) is `sequence`, any other `<input>_dim<d>`; dims the model fixes stay fixed."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    by_key = {slot.key: slot.name for slot in slots}
+    args = tuple(by_key.get(i, "") for i in range(len(sample.args)))
+    kwargs = {k: by_key.get(k, "") for k in sample.kwargs}
+    in_spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "in_spec", None)
+    # placeholders follow the capture's flattened (args, kwargs); "" marks an input that is not fed
+    names = fx_pytree.tree_flatten_spec((args, kwargs), in_spec) if in_spec else [*args, *kwargs.values()]
+    axes: dict[str, dict[int, str]] = {}
+    by_name = {s.name: s for s in slots}
+    for node, name in zip(placeholders, names):
+        val = node.meta.get("val")
+        if not name or not isinstance(val, torch.Tensor):
+            continue
+        integer = not by_name[name].dtype.startswith(("float", "bfloat", "complex"))
+        dims = {}
+        for d, size in enumerate(val.shape):
+            if isinstance(size, torch.SymInt):
+                dims[d] = "batch" if d == 0 else "sequence" if d == 1 and integer else f"{name}_dim{d}"
+        axes[name] = dims
+    return axes
+
+
+def canonical_names(wrapper: FlatModel) -> dict[str, str]:
+    """Exporter initializer name (the wrapper's state-dict key) -> the name giva-fx uses elsewhere:
+    the weight's own name for model tensors, `<weight>.lambda_s` / `.lambda_o` / `.A` / `.B` for adapters."""
+    gm = getattr(wrapper, WRAPPER_ROOT)
+    owners = {f"{ADAPTER_ROOT}.{key}.": adapter.weight_name + "."
+              for key, adapter in getattr(gm, ADAPTER_ROOT, nn.Module()).named_children()}
+    names = {}
+    tensors = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    for name, _ in tensors:
+        canonical = name
+        for prefix, weight in owners.items():
+            if name.startswith(prefix):
+                canonical = weight + name[len(prefix):]
+                break
+        names[f"{WRAPPER_ROOT}.{name}"] = canonical
+    return names
+
+
+def export_onnx(wrapper: FlatModel, adapted: GivaModel, sample: Batch, slots: Sequence[Slot],
+                output_names: Sequence[str]) -> onnx_lib.ModelProto:
+    """Export `wrapper` with the settings in `EXPORTER`, in memory, initializers renamed canonically."""
+    onnx_lib = require("onnx")
+    buffer = io.BytesIO()
+    tensors = tuple(slot.take(sample) for slot in slots)
+    with preserved_state(adapted), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and train/eval-mode notes about the frozen graph
+        try:
+            torch.onnx.export(wrapper, tensors, buffer, input_names=[s.name for s in slots],
+                              output_names=list(output_names),
+                              dynamic_axes=dynamic_axes(getattr(wrapper, WRAPPER_ROOT), sample, slots),
+                              training=torch.onnx.TrainingMode.TRAINING, **EXPORTER)
+        except Exception as exc:  # the exporter raises many types; all mean "cannot export this graph"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"torch.onnx.export (TorchScript, opset {EXPORTER['opset_version']}) failed on "
+                              f"the adapted graph: {first}") from exc
+    model = onnx_lib.load_from_string(buffer.getvalue())
+    rename(model, canonical_names(wrapper))
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    return model
+
+
+def rename(model: onnx_lib.ModelProto, mapping: dict[str, str]) -> None:
+    """Rename initializers (and every reference to them, in subgraphs too) through `mapping`."""
+    def visit(graph: Any) -> None:
+        for init in graph.initializer:
+            init.name = mapping.get(init.name, init.name)
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            value.name = mapping.get(value.name, value.name)
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name in mapping:
+                    node.input[i] = mapping[name]
+            for attr in node.attribute:
+                for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                    visit(sub)
+
+    visit(model.graph)
+
+
+def check_vectors(model: onnx_lib.ModelProto, expected: dict[str, tuple[int, ...]]) -> None:
+    """Every trainable tensor must be its own initializer, with its shape, read by the graph: anything
+    else means the exporter folded, merged or dropped it and it would silently stop training."""
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    used = {name for node in model.graph.node for name in node.input}
+    problems = []
+    for name, shape in expected.items():
+        if name not in inits:
+            problems.append(f"{name} is not an initializer (folded into a constant or merged with another)")
+        elif inits[name] != shape:
+            problems.append(f"{name} has shape {inits[name]} in the graph, {shape} in the model")
+        elif name not in used:
+            problems.append(f"{name} is not read by any node")
+    if problems:
+        raise ExportError("the exported graph does not keep the trainable vectors: " + "; ".join(problems[:5])
+                          + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))

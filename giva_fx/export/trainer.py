@@ -1,0 +1,175 @@
+"""`OrtTrainer`: train the adapter vectors with ONNX Runtime from `training_artifacts`, and
+`load_ort_checkpoint`: put the vectors trained there back into the PyTorch adapted model.
+
+    trainer = OrtTrainer("artifacts", lr=1e-3, warmup_steps=10, total_steps=500)
+    for batch in batches:
+        loss = trainer.step(batch)
+    trainer.save("trained.ckpt")
+    load_ort_checkpoint(adapted, "trained.ckpt")   # then giva_fx.merge(adapted, model) as usual
+
+Checkpoints are ONNX Runtime's flatbuffer files: reading one runs no pickle.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from giva_fx.batches import Batch, as_batch
+from giva_fx.errors import ConfigError, ExportError
+from giva_fx.export._files import atomic_file
+from giva_fx.export._graph import require
+from giva_fx.export.ort_training import (CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, ArtifactsInfo,
+                                         native_output_to_error)
+from giva_fx.model import GivaModel
+from giva_fx.trainable import trainable_parameters
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The eval model's loss and logits for one batch."""
+
+    loss: float
+    logits: np.ndarray
+
+
+class OrtTrainer:
+    """ONNX Runtime training (CheckpointState / Module / Optimizer) of a `training_artifacts` directory.
+
+    Args:
+        out_dir: the directory `giva_fx.export.training_artifacts` wrote.
+        lr: the learning rate (the peak one when a schedule is set).
+        warmup_steps, total_steps: with `total_steps`, the rate rises linearly from 0 to `lr` over
+            `warmup_steps` steps, then falls linearly to 0 at `total_steps` (ORT's LinearLRScheduler).
+        checkpoint: start from this checkpoint (one `save` wrote) instead of `out_dir`'s initial one.
+        device: ONNX Runtime device, e.g. "cpu" or "cuda".
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, lr: float = 1e-3, warmup_steps: int = 0,
+                 total_steps: int | None = None, checkpoint: str | os.PathLike | None = None,
+                 device: str = "cpu") -> None:
+        if total_steps is None and warmup_steps:
+            raise ConfigError("warmup_steps needs total_steps (the step at which the rate reaches 0)")
+        if total_steps is not None and not 0 <= warmup_steps < total_steps:
+            raise ConfigError(f"need 0 <= warmup_steps < total_steps, got {warmup_steps} and {total_steps}")
+        api = require("onnxruntime.training.api")
+        self.out_dir = Path(out_dir)
+        self.info = ArtifactsInfo.read(self.out_dir)
+        with native_output_to_error(f"onnxruntime could not load the artifacts in {self.out_dir}"):
+            self.state = api.CheckpointState.load_checkpoint(Path(checkpoint or self.out_dir / CHECKPOINT))
+            self.module = api.Module(self.out_dir / TRAINING_MODEL, self.state, self.out_dir / EVAL_MODEL,
+                                     device=device)
+            self.optimizer = api.Optimizer(self.out_dir / OPTIMIZER_MODEL, self.module)
+        self.optimizer.set_learning_rate(lr)
+        self.scheduler = (api.LinearLRScheduler(self.optimizer, warmup_steps, total_steps, lr)
+                          if total_steps is not None else None)
+        self.steps = 0
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next step uses."""
+        return self.optimizer.get_learning_rate()
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.optimizer.set_learning_rate(value)
+
+    def step(self, batch: Any) -> float:
+        """One optimizer step on `batch` (any form `adapt` takes); returns the loss before the step."""
+        self.module.train()
+        loss = self._run(as_batch(batch))[0]
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.steps += 1
+        return float(loss)
+
+    def evaluate(self, batch: Any) -> Evaluation:
+        """Loss and logits of the eval model on `batch`, with the current vectors."""
+        self.module.eval()
+        loss, logits = self._run(as_batch(batch))[:2]
+        return Evaluation(float(loss), logits)
+
+    def gradients(self, batch: Any) -> dict[str, np.ndarray]:
+        """The loss gradient of every trainable vector on `batch`, without a step (e.g. to check that
+        gradients reach every adapter)."""
+        self.module.train()
+        self.module.lazy_reset_grad()
+        self._run(as_batch(batch))
+        grads = {name: np.array(self.state.parameters[name].grad) for name in self.info.trainable}
+        self.module.lazy_reset_grad()
+        return grads
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the current state (vectors, frozen weights, optimizer moments) as a checkpoint file."""
+        api = require("onnxruntime.training.api")
+        with atomic_file(path) as tmp:
+            api.CheckpointState.save_checkpoint(self.state, tmp, include_optimizer_state=True)
+        return Path(path)
+
+    def export_inference(self, path: str | os.PathLike) -> Path:
+        """Write an inference ONNX model (inputs -> logits) with the trained vectors."""
+        onnx_lib = require("onnx")
+        with atomic_file(path) as tmp:
+            self.module.export_model_for_inferencing(tmp, ["logits"])
+            model = onnx_lib.load(tmp)
+            model.ir_version = min(model.ir_version, 10)
+            onnx_lib.save(model, tmp)
+        return Path(path)
+
+    def _run(self, batch: Batch) -> tuple[np.ndarray, ...]:
+        feeds = {slot.name: _array(slot.take(batch), slot.dtype) for slot in self.info.inputs}
+        if self.info.target is not None:
+            feeds[self.info.target.name] = self._target(batch)
+        names = self.module.input_names()
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            raise ExportError(f"the graph takes {missing}, which the batch does not give; pass batches of the "
+                              f"form the artifacts were exported with (inputs {[s.name for s in self.info.inputs]})")
+        return self.module(*[feeds[n] for n in names])
+
+    def _target(self, batch: Batch) -> np.ndarray:
+        target = batch.target if batch.target is not None else batch.kwargs.get("labels")
+        if not isinstance(target, torch.Tensor):
+            raise ExportError(f"loss={self.info.loss!r} needs a target: pass (inputs, target) batches or a "
+                              "`labels` entry in dict batches")
+        if self.info.loss == "cross_entropy":  # the graph's logits are (N, classes)
+            target = target.reshape(-1)
+        return _array(target, self.info.target.dtype)
+
+
+def _array(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    return np.ascontiguousarray(tensor.detach().cpu().numpy().astype(dtype, copy=False))
+
+
+@torch.no_grad()
+def load_ort_checkpoint(adapted: GivaModel, checkpoint: str | os.PathLike) -> GivaModel:
+    """Copy the trainable vectors of an ONNX Runtime checkpoint (a file `OrtTrainer.save` wrote, or a
+    `training_artifacts` directory) into `adapted`, by their canonical names; returns `adapted`."""
+    api = require("onnxruntime.training.api")
+    path = Path(checkpoint)
+    path = path / CHECKPOINT if path.is_dir() else path
+    if not path.is_file():
+        raise ExportError(f"no checkpoint at {path}; pass a file OrtTrainer.save wrote or an artifacts directory")
+    if any(a.merged for a in adapted.adapters().values()):
+        raise ExportError("the adapted model is merged: call giva_fx.unmerge(adapted, model) before loading "
+                          "new vectors, then merge again")
+    with native_output_to_error(f"onnxruntime could not read the checkpoint {path}"):
+        params = api.CheckpointState.load_checkpoint(path).parameters
+    values = {}
+    for name, param in trainable_parameters(adapted).items():
+        if name not in params:
+            raise ExportError(f"the checkpoint {path} has no {name}: it was not made from this adapted model")
+        value = torch.from_numpy(np.array(params[name].data))
+        if tuple(value.shape) != tuple(param.shape):
+            raise ExportError(f"{name} has shape {tuple(value.shape)} in {path} and {tuple(param.shape)} in the "
+                              "adapted model: the checkpoint was made from another adapted model")
+        values[name] = value
+    for name, param in trainable_parameters(adapted).items():  # all checked first: no half-loaded model
+        param.copy_(values[name].to(param.dtype))
+    return adapted
