@@ -71,14 +71,24 @@ class ModelOptions:
 
 
 @dataclass(frozen=True)
+class DataFormat:
+    """What turning data into batches needs to know about the model they feed."""
+
+    takes_dict: bool  # Hugging Face models take named tensors as keyword inputs
+    tokenizer_dir: Path | None = None  # for text data
+    causal_lm: bool = False  # text labels are the input ids themselves
+    image_size: int | None = None  # image folders are resized to this
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)  # and normalised with these
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+
+@dataclass(frozen=True)
 class LoadedModel:
-    """A resolved model and what the data loaders need to know about it."""
+    """A resolved model and the format of its batches."""
 
     module: nn.Module
     spec: str
-    takes_dict: bool  # Hugging Face models take named tensors as keyword inputs
-    hf_dir: Path | None = None  # where the tokenizer lives, for text data
-    causal_lm: bool = False  # text labels are the input ids themselves
+    data: DataFormat
 
     def describe(self) -> str:
         params = sum(p.numel() for p in self.module.parameters())
@@ -163,8 +173,13 @@ def _load_hf(rest: str, options: ModelOptions) -> LoadedModel:
         hf_dir = path.parent if (path.parent / "tokenizer_config.json").is_file() else None
     else:
         raise SpecError(f"{path} does not exist; pass a model directory or a config JSON")
-    causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
-    return LoadedModel(model, f"hf:{rest}", takes_dict=True, hf_dir=hf_dir, causal_lm=causal)
+    return LoadedModel(model, f"hf:{rest}", _hf_format(model, hf_dir))
+
+
+def _hf_format(model: nn.Module, tokenizer_dir: Path | None) -> DataFormat:
+    size = getattr(getattr(model, "config", None), "image_size", None)
+    return DataFormat(True, tokenizer_dir, type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")),
+                      size if isinstance(size, int) else None)
 
 
 def _load_timm(name: str, options: ModelOptions) -> LoadedModel:
@@ -186,7 +201,11 @@ def _load_timm(name: str, options: ModelOptions) -> LoadedModel:
             raise SpecError(f"timm:{name} does not take {sorted(kwargs)}: {exc}") from exc
     if options.checkpoint is not None:
         _load_checkpoint(model, options.checkpoint)
-    return LoadedModel(model, f"timm:{name}", takes_dict=False)
+    cfg = model.pretrained_cfg or {}
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None) or cfg.get("input_size", (0, 0, 0))[1:]
+    return LoadedModel(model, f"timm:{name}", DataFormat(False, image_size=size[-1] or None,
+                                                         mean=tuple(cfg.get("mean", (0.0,) * 3)),
+                                                         std=tuple(cfg.get("std", (1.0,) * 3))))
 
 
 def _load_checkpoint(model: nn.Module, path: Path) -> None:
@@ -235,8 +254,7 @@ def _load_py(rest: str, options: ModelOptions) -> LoadedModel:
         model = factory(**options.model_args)
     if not isinstance(model, nn.Module):
         raise SpecError(f"py:{rest} returned {type(model).__name__}, not a torch.nn.Module")
-    return LoadedModel(model, f"py:{rest}", takes_dict=_is_hf(model), causal_lm=_is_hf(model) and
-                       type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")))
+    return LoadedModel(model, f"py:{rest}", _hf_format(model, None) if _is_hf(model) else DataFormat(False))
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -305,12 +323,12 @@ class DataOptions:
     seed: int = 0
 
 
-def read_samples(path: Path, model: LoadedModel, options: DataOptions = DataOptions()) -> dict[str, torch.Tensor]:
+def read_samples(path: Path, fmt: DataFormat, options: DataOptions = DataOptions()) -> dict[str, torch.Tensor]:
     """Named tensors with one row per sample from a data file or folder."""
     if not path.exists():
         raise SpecError(f"{path} does not exist")
     if path.is_dir():
-        samples = _image_folder(path, model, options)
+        samples = _image_folder(path, fmt, options)
     elif path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -318,7 +336,7 @@ def read_samples(path: Path, model: LoadedModel, options: DataOptions = DataOpti
     elif path.suffix == ".npz":
         samples = _npz(path)
     elif path.suffix in (".txt", ".jsonl"):
-        samples = _text(path, model, options)
+        samples = _text(path, fmt, options)
     else:
         raise SpecError(f"{path}: unknown data format {path.suffix!r}; use .safetensors, .npz, .txt, "
                         ".jsonl or an image folder")
@@ -343,10 +361,10 @@ def _npz(path: Path) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in arrays.items()}
 
 
-def _text(path: Path, model: LoadedModel, options: DataOptions) -> dict[str, torch.Tensor]:
-    if model.hf_dir is None or not (model.hf_dir / "tokenizer_config.json").is_file():
-        raise SpecError(f"{path}: text data needs a tokenizer, and the model {model.spec} has none; "
-                        "use an hf: directory saved with its tokenizer, or tensor data")
+def _text(path: Path, fmt: DataFormat, options: DataOptions) -> dict[str, torch.Tensor]:
+    if fmt.tokenizer_dir is None or not (fmt.tokenizer_dir / "tokenizer_config.json").is_file():
+        raise SpecError(f"{path}: text data needs a tokenizer and none was found; use an hf: directory "
+                        "saved with its tokenizer (or name one with --tokenizer), or tensor data")
     import transformers
 
     texts: list[str] = []
@@ -366,19 +384,19 @@ def _text(path: Path, model: LoadedModel, options: DataOptions) -> dict[str, tor
             labels.append(int(record["label"]))
     if labels and len(labels) != len(texts):
         raise SpecError(f"{path}: {len(labels)} of {len(texts)} lines have a \"label\"; label all or none")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model.hf_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(fmt.tokenizer_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     enc = tokenizer(texts, padding=True, truncation=True, max_length=options.max_length, return_tensors="pt")
     samples = dict(enc)
-    if model.causal_lm:
+    if fmt.causal_lm:
         samples["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     elif labels:
         samples["labels"] = torch.tensor(labels)
     return samples
 
 
-def _image_folder(path: Path, model: LoadedModel, options: DataOptions) -> dict[str, torch.Tensor]:
+def _image_folder(path: Path, fmt: DataFormat, options: DataOptions) -> dict[str, torch.Tensor]:
     import numpy as np
     from PIL import Image
 
@@ -387,12 +405,10 @@ def _image_folder(path: Path, model: LoadedModel, options: DataOptions) -> dict[
              if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise SpecError(f"{path} is not an image folder: expected {path}/<class>/<image> files")
-    cfg = getattr(model.module, "pretrained_cfg", None) or {}
-    size = options.img_size or (cfg.get("input_size") or (None, None, None))[-1]
+    size = options.img_size or fmt.image_size
     if size is None:
         raise SpecError(f"{path}: cannot tell the model's image size; pass --img-size")
-    mean = torch.tensor(cfg.get("mean", (0.0, 0.0, 0.0))).view(3, 1, 1)
-    std = torch.tensor(cfg.get("std", (1.0, 1.0, 1.0))).view(3, 1, 1)
+    mean, std = torch.tensor(fmt.mean).view(3, 1, 1), torch.tensor(fmt.std).view(3, 1, 1)
     images = []
     for f, _ in files:
         with Image.open(f) as img:
@@ -401,7 +417,7 @@ def _image_folder(path: Path, model: LoadedModel, options: DataOptions) -> dict[
     # class folders are read in order: shuffle (seeded) so every batch mixes classes
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(options.seed))
     x, y = torch.stack(images)[order], torch.tensor([c for _, c in files])[order]
-    return {"pixel_values": x, "labels": y} if model.takes_dict else {"x": x, "y": y}
+    return {"pixel_values": x, "labels": y} if fmt.takes_dict else {"x": x, "y": y}
 
 
 def to_batch(named: Mapping[str, torch.Tensor], takes_dict: bool) -> Any:
@@ -430,28 +446,24 @@ def split_batches(samples: Mapping[str, torch.Tensor], batch_size: int, takes_di
 
 def default_batch(model: LoadedModel, rows: int = 2, seq: int = 16) -> Any:
     """A made-up batch of the model's own input shape (no target), for looking at its graph."""
-    module = model.module
     generator = torch.Generator().manual_seed(MODEL_SEED)
-    config = getattr(module, "config", None)
-    if model.takes_dict and config is not None:
-        name = getattr(module, "main_input_name", "input_ids")
+    config = getattr(model.module, "config", None)
+    size = model.data.image_size
+    if model.data.takes_dict:
+        name = getattr(model.module, "main_input_name", "input_ids")
         if name == "input_ids" and getattr(config, "vocab_size", None):
             return {name: torch.randint(0, config.vocab_size, (rows, seq), generator=generator)}
-        if name == "pixel_values" and getattr(config, "image_size", None):
-            size = config.image_size
-            size = (size, size) if isinstance(size, int) else tuple(size)
-            return {name: torch.randn(rows, getattr(config, "num_channels", 3), *size, generator=generator)}
-    input_size = (getattr(module, "pretrained_cfg", None) or {}).get("input_size")
-    if not model.takes_dict and input_size:
-        size = getattr(getattr(module, "patch_embed", None), "img_size", None) or input_size[1:]
-        return (torch.randn(rows, input_size[0], *size, generator=generator),)
+        if name == "pixel_values" and size:
+            return {name: torch.randn(rows, getattr(config, "num_channels", 3), size, size, generator=generator)}
+    elif size:
+        return (torch.randn(rows, 3, size, size, generator=generator),)
     raise SpecError(f"cannot make up an input for {model.spec}")
 
 
-def load_batches(model: LoadedModel, *, data: str | None = None, synthetic: str | None = None,
+def load_batches(fmt: DataFormat, *, data: str | None = None, synthetic: str | None = None,
                  batch_size: int = 16, count: int | None = None,
                  options: DataOptions = DataOptions()) -> list[Any]:
-    """Batches for `model` from a data file/folder or a synthetic spec (exactly one of them).
+    """Batches in format `fmt` from a data file/folder or a synthetic spec (exactly one of them).
 
     A synthetic spec gives its own batch size and draws `count` (default 1) distinct batches.
     """
@@ -460,5 +472,5 @@ def load_batches(model: LoadedModel, *, data: str | None = None, synthetic: str 
     if synthetic is not None:
         samples, batch_size = synthetic_samples(synthetic, count or 1, options.seed)
     else:
-        samples = read_samples(Path(data).expanduser(), model, options)
-    return split_batches(samples, batch_size, model.takes_dict, count)
+        samples = read_samples(Path(data).expanduser(), fmt, options)
+    return split_batches(samples, batch_size, fmt.takes_dict, count)

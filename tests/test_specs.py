@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from giva_fx.specs import (LoadedModel, ModelOptions, SpecError, DataOptions, default_batch, load_batches,
-                           load_model, parse_model_args, parse_synthetic, read_samples, split_batches, to_batch)
+from giva_fx.specs import (DataFormat, DataOptions, ModelOptions, SpecError, default_batch, load_batches, load_model,
+                           parse_model_args, parse_synthetic, read_samples, split_batches, to_batch)
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "movie", "plot", "very", "the"]
 
@@ -45,7 +45,7 @@ def test_hf_directory_loads_the_saved_weights(bert_dir):
     saved = load_file(str(bert_dir / "model.safetensors"))
     state = loaded.module.state_dict()
     assert type(loaded.module).__name__ == "BertForSequenceClassification"
-    assert loaded.takes_dict and loaded.hf_dir == bert_dir and not loaded.module.training
+    assert loaded.data.takes_dict and loaded.data.tokenizer_dir == bert_dir and not loaded.module.training
     for name, value in saved.items():
         assert torch.equal(state[name], value), name
 
@@ -89,7 +89,7 @@ def test_timm_checkpoint_weights_are_loaded(tmp_path):
     save_file(state, str(tmp_path / "w.safetensors"))
     loaded = load_model("timm:vit_tiny_patch16_224", ModelOptions(img_size=16, num_classes=3, model_args=TINY_VIT,
                                                                  checkpoint=tmp_path / "w.safetensors"))
-    assert not loaded.takes_dict
+    assert not loaded.data.takes_dict and loaded.data.image_size == 16
     for name, value in loaded.module.state_dict().items():
         assert torch.equal(value, state[name]), name
 
@@ -130,7 +130,7 @@ def test_py_factory_from_a_module_or_a_file_gets_the_model_args(tmp_path, monkey
     by_module = load_model("py:my_models_for_specs:build", ModelOptions(model_args={"width": 7}))
     by_file = load_model(f"py:{tmp_path / 'my_models_for_specs.py'}:build")
     assert by_module.module.fc.out_features == 7 and by_file.module.fc.out_features == 3
-    assert not by_module.takes_dict
+    assert not by_module.data.takes_dict
     with pytest.raises(SpecError, match="returned int, not a torch.nn.Module"):
         load_model(f"py:{tmp_path / 'my_models_for_specs.py'}:not_a_model")
     with pytest.raises(SpecError, match="has no callable 'missing'"):
@@ -166,8 +166,8 @@ def test_synthetic_spec_gives_shapes_dtypes_and_ranges():
     specs = parse_synthetic("input_ids=4x16:int<100, mask=4x16:ones ,labels=4:int<3,x=4x2:float")
     assert [(s.name, s.shape, s.high) for s in specs] == [
         ("input_ids", (4, 16), 100), ("mask", (4, 16), -1), ("labels", (4,), 3), ("x", (4, 2), 0)]
-    model = LoadedModel(torch.nn.Identity(), "py:x:y", takes_dict=True)
-    batches = load_batches(model, synthetic="input_ids=4x16:int<100,mask=4x16:ones,labels=4:int<3", count=3)
+    fmt = DataFormat(takes_dict=True)
+    batches = load_batches(fmt, synthetic="input_ids=4x16:int<100,mask=4x16:ones,labels=4:int<3", count=3)
     assert len(batches) == 3
     for b in batches:
         assert b["input_ids"].shape == (4, 16) and b["input_ids"].dtype == torch.long
@@ -175,7 +175,7 @@ def test_synthetic_spec_gives_shapes_dtypes_and_ranges():
         assert torch.equal(b["mask"], torch.ones(4, 16, dtype=torch.long))
         assert int(b["labels"].max()) < 3
     assert not torch.equal(batches[0]["input_ids"], batches[1]["input_ids"])
-    again = load_batches(model, synthetic="input_ids=4x16:int<100,mask=4x16:ones,labels=4:int<3", count=3)
+    again = load_batches(fmt, synthetic="input_ids=4x16:int<100,mask=4x16:ones,labels=4:int<3", count=3)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))
 
 
@@ -212,7 +212,7 @@ def test_batches_are_consecutive_rows():
 
 # ---- files ------------------------------------------------------------------------------------
 
-PLAIN = LoadedModel(torch.nn.Identity(), "py:x:y", takes_dict=False)
+PLAIN = DataFormat(takes_dict=False)
 
 
 def test_safetensors_and_npz_files_give_the_same_tensors(tmp_path):
@@ -245,7 +245,7 @@ def test_jsonl_is_tokenized_with_the_model_tokenizer(bert_dir, tmp_path):
 
     lines = [{"text": "good movie", "label": 1}, {"text": "very bad plot the movie", "label": 0}]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
-    samples = read_samples(tmp_path / "d.jsonl", load_model(f"hf:{bert_dir}"), DataOptions(max_length=5))
+    samples = read_samples(tmp_path / "d.jsonl", load_model(f"hf:{bert_dir}").data, DataOptions(max_length=5))
     expected = tf.AutoTokenizer.from_pretrained(bert_dir)([r["text"] for r in lines], padding=True,
                                                           truncation=True, max_length=5, return_tensors="pt")
     assert torch.equal(samples["input_ids"], expected["input_ids"]) and samples["input_ids"].shape == (2, 5)
@@ -255,8 +255,7 @@ def test_jsonl_is_tokenized_with_the_model_tokenizer(bert_dir, tmp_path):
 
 def test_causal_lm_text_labels_are_the_ids_with_padding_ignored(bert_dir, tmp_path):
     (tmp_path / "d.txt").write_text("good movie\nvery bad plot\n")
-    model = LoadedModel(torch.nn.Identity(), "hf:x", takes_dict=True, hf_dir=bert_dir, causal_lm=True)
-    samples = read_samples(tmp_path / "d.txt", model)
+    samples = read_samples(tmp_path / "d.txt", DataFormat(True, tokenizer_dir=bert_dir, causal_lm=True))
     pad = samples["attention_mask"] == 0
     assert pad.any()
     assert torch.equal(samples["labels"][~pad], samples["input_ids"][~pad])
@@ -283,7 +282,7 @@ def test_image_folder_gives_normalised_images_labelled_by_folder(tmp_path):
     red = samples["x"][:, 0].mean(dim=(1, 2))
     assert samples["y"].tolist() == [0 if r > 0.5 else 1 for r in red.tolist()]
     assert sorted(round(b * 255) for b in samples["x"][:, 2].mean(dim=(1, 2)).tolist()) == [0, 0, 50, 100, 255]
-    hf = read_samples(tmp_path, LoadedModel(torch.nn.Identity(), "hf:x", takes_dict=True), DataOptions(img_size=4))
+    hf = read_samples(tmp_path, DataFormat(takes_dict=True, image_size=4))
     assert set(hf) == {"pixel_values", "labels"}
     with pytest.raises(SpecError, match="pass --img-size"):
         read_samples(tmp_path, PLAIN)
