@@ -38,33 +38,12 @@ from giva_fx.fingerprint import differences, dtype_name, fingerprint, tensor_dig
 from giva_fx.model import GivaModel
 from giva_fx.passes.bases import INIT_MODES, Bases, op_seed, seeded_bases
 from giva_fx.passes.match import MatchResult, SkippedOp, WeightOp, match
+from giva_fx.passes.mode import updated_buffers
 from giva_fx.trainable import VECTORS, full_parameters, trainable_parameters
 
 FORMAT = 1
 META_KEY = "giva_fx"
 BASES = ("A", "B")
-
-
-# composite ops that update running statistics although their schema does not mark them written
-_RUNNING_STATS = {torch.ops.aten.batch_norm.default: ("running_mean", "running_var"),
-                  torch.ops.aten.instance_norm.default: ("running_mean", "running_var")}
-
-
-def updated_buffers(gm: fx.GraphModule) -> list[str]:
-    """Buffers the graph writes in place while training (batch-norm statistics): trained state."""
-    buffers = {n for n, _ in gm.named_buffers()}
-    names: set[str] = set()
-    for node in gm.graph.nodes:
-        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
-        if schema is None:
-            continue
-        values = [*node.args, *(node.kwargs.get(a.name) for a in schema.arguments[len(node.args):])]
-        for arg, value in zip(schema.arguments, values):
-            written = (arg.alias_info is not None and arg.alias_info.is_write) or \
-                arg.name in _RUNNING_STATS.get(node.target, ())
-            if written and isinstance(value, fx.Node) and value.op == "get_attr" and value.target in buffers:
-                names.add(value.target)
-    return sorted(names)
 
 
 def _bases_2d(adapter: torch.nn.Module) -> dict[str, torch.Tensor]:

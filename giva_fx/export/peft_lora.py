@@ -31,7 +31,7 @@ from giva_fx.errors import ExportError
 from giva_fx.export._files import atomic_dir
 from giva_fx.model import GivaModel
 from giva_fx.passes.match import SkippedOp, WeightOp
-from giva_fx.persist import updated_buffers
+from giva_fx.passes.mode import updated_buffers
 from giva_fx.trainable import full_parameters
 
 PREFIX = "base_model.model."  # how PEFT names the wrapped model in adapter files

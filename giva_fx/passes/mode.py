@@ -3,7 +3,8 @@
 `torch.export` bakes the training flag of dropout and batch norm into node arguments, and HF
 attention bakes its dropout rate into `scaled_dot_product_attention`. Graphs are captured in
 training mode; this pass records those arguments once and switches them between the training
-values and their eval values (no dropout, running statistics).
+values and their eval values (no dropout, running statistics). `updated_buffers` names the
+buffers a graph updates in training mode: state to save along with the trained vectors.
 """
 from __future__ import annotations
 
@@ -62,3 +63,25 @@ def set_training(gm: fx.GraphModule, training: bool) -> bool:
     if changed:
         gm.recompile()
     return changed
+
+
+# composite ops that update running statistics although their schema does not mark them written
+_RUNNING_STATS = MappingProxyType({aten.batch_norm.default: ("running_mean", "running_var"),
+                                   aten.instance_norm.default: ("running_mean", "running_var")})
+
+
+def updated_buffers(gm: fx.GraphModule) -> list[str]:
+    """Buffers the graph writes in place while training (batch-norm statistics): trained state."""
+    buffers = {n for n, _ in gm.named_buffers()}
+    names: set[str] = set()
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is None:
+            continue
+        values = [*node.args, *(node.kwargs.get(a.name) for a in schema.arguments[len(node.args):])]
+        for arg, value in zip(schema.arguments, values):
+            written = (arg.alias_info is not None and arg.alias_info.is_write) or \
+                arg.name in _RUNNING_STATS.get(node.target, ())
+            if written and isinstance(value, fx.Node) and value.op == "get_attr" and value.target in buffers:
+                names.add(value.target)
+    return sorted(names)
