@@ -7,9 +7,11 @@
 from giva_fx.adapt import AdaptConfig, adapt
 from giva_fx.errors import (AdapterFileError, BatchError, CaptureError, ConfigError, GivaError, LossError,
                             MatchError)
+from giva_fx.fingerprint import fingerprint
 from giva_fx.merge import merge, unmerge
 from giva_fx.model import AdaptReport, GivaModel
 from giva_fx.passes.bases import INIT_MODES
+from giva_fx.persist import load_adapter, save_adapter
 from giva_fx.summary import Summary, summary
 from giva_fx.trainable import trainable_parameters
 
@@ -17,6 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptConfig", "AdaptReport", "AdapterFileError", "BatchError", "CaptureError", "ConfigError", "GivaError",
-    "GivaModel", "INIT_MODES", "LossError", "MatchError", "Summary", "adapt", "merge", "summary",
-    "trainable_parameters", "unmerge", "__version__",
+    "GivaModel", "INIT_MODES", "LossError", "MatchError", "Summary", "adapt", "fingerprint", "load_adapter", "merge",
+    "save_adapter", "summary", "trainable_parameters", "unmerge", "__version__",
 ]
