@@ -460,6 +460,20 @@ def default_batch(model: LoadedModel, rows: int = 2, seq: int = 16) -> Any:
     raise SpecError(f"cannot make up an input for {model.spec}")
 
 
+def trainer_format(artifacts_dir: Path, *, tokenizer_dir: Path | None = None, image_size: int | None = None,
+                   mean: tuple[float, ...] = (0.0, 0.0, 0.0), std: tuple[float, ...] = (1.0, 1.0, 1.0)) -> DataFormat:
+    """The batch format of ONNX Runtime training artifacts: graph inputs named after keywords mean dict
+    batches. Text is tokenized with `tokenizer_dir`, as a causal LM when its config.json says so."""
+    from giva_fx.export.ort_training import ArtifactsInfo
+
+    info = ArtifactsInfo.read(artifacts_dir)
+    causal = False
+    if tokenizer_dir is not None and (tokenizer_dir / "config.json").is_file():
+        arch = (json.loads((tokenizer_dir / "config.json").read_text()).get("architectures") or [""])[0]
+        causal = arch.endswith(("ForCausalLM", "LMHeadModel"))
+    return DataFormat(any(isinstance(s.key, str) for s in info.inputs), tokenizer_dir, causal, image_size, mean, std)
+
+
 def load_batches(fmt: DataFormat, *, data: str | None = None, synthetic: str | None = None,
                  batch_size: int = 16, count: int | None = None,
                  options: DataOptions = DataOptions()) -> list[Any]:
