@@ -8,7 +8,6 @@ all speak of that weight. `ADAPTERS` maps an op kind to its adapter class.
 """
 from __future__ import annotations
 
-import math
 from types import MappingProxyType
 
 import torch
@@ -76,7 +75,6 @@ class ConvAdapter(nn.Module):
         assert op.conv is not None, f"{op.weight_name}: a conv op without ConvArgs"
         out, group_in, *kernel = op.weight_shape
         self.weight_name = op.weight_name
-        self.layout = op.layout
         self.init = bases.init
         self.conv = op.conv
         rank, spatial = bases.rank, (1,) * op.conv.ndim
@@ -84,7 +82,8 @@ class ConvAdapter(nn.Module):
         self.register_buffer("B", bases.B.reshape(out, rank, *spatial).to(device=device, dtype=dtype))
         self.lambda_s = nn.Parameter(torch.ones(rank, device=device, dtype=dtype))
         self.lambda_o = nn.Parameter(torch.zeros(out, device=device, dtype=dtype))
-        self.dense = out * op.in_features < rank * (group_in * op.conv.groups * math.prod(kernel) + out)
+        patch = op.in_features  # in/groups * prod(k)
+        self.dense = out * patch < rank * (patch * op.conv.groups + out)  # the form forward runs (see above)
         self.merged = False
 
     @property
