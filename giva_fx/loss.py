@@ -46,7 +46,15 @@ def batch_loss(output: Any, batch: Batch, loss_fn: LossFn | None) -> torch.Tenso
                 "cross-entropy over integer class targets: pass loss_fn=(output, batch) -> loss"
             )
         logits = logits_of(output)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.target.reshape(-1))
+        try:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.target.reshape(-1))
+        except (RuntimeError, ValueError, IndexError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise LossError(
+                f"the default cross-entropy loss failed ({first}): it needs one integer class in "
+                f"[0, {logits.shape[-1]}) per prediction (logits {tuple(logits.shape)}, target "
+                f"{tuple(batch.target.shape)}); fix the targets or pass loss_fn="
+            ) from exc
     else:
         raise LossError(
             "cannot derive a loss: the batch has no target and the model returned no loss; pass "

@@ -167,6 +167,10 @@ def _uses(gm: fx.GraphModule) -> tuple[list[_Use], list[SkippedOp]]:
             continue
         name, transposed = operand
         weight = gm.get_parameter(name)
+        if not weight.is_floating_point():
+            skipped.append(SkippedOp(name, spec.kind, (node.name,),
+                                     f"weight dtype {weight.dtype} is not floating point (nothing to train)"))
+            continue
         if spec.kind == "linear" and weight.dim() != 2:
             skipped.append(SkippedOp(name, spec.kind, (node.name,), f"weight is {weight.dim()}-D, not 2-D"))
             continue

@@ -16,6 +16,7 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from giva_fx.batches import Batch
+from giva_fx.errors import BatchError
 from giva_fx.loss import LossFn, batch_loss
 from giva_fx.passes.mode import set_training
 
@@ -37,6 +38,16 @@ def profiling(gm: fx.GraphModule, names: Sequence[str]) -> Iterator[dict[str, to
             p.requires_grad_(False)
             p.grad = None
         set_training(gm, was_training)
+
+
+def _run(gm: fx.GraphModule, batch: Batch, index: int) -> object:
+    """The model's output on one batch; capture checked only shapes, so a failure here names the batch."""
+    try:
+        return gm(*batch.args, **batch.kwargs)
+    except Exception as exc:  # the model's own error, whatever its type
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BatchError(f"the model failed on sample batch {index}: {first}. Check the batch's dtypes and "
+                         "values (e.g. token ids within the vocabulary)") from exc
 
 
 def profile(
@@ -72,7 +83,7 @@ def profile(
         try:
             for step[0], batch in enumerate(tqdm(batches, desc="giva-fx: profiling gradients",
                                                  disable=not progress or len(batches) < 2, leave=False)):
-                loss = batch_loss(gm(*batch.args, **batch.kwargs), batch, loss_fn)
+                loss = batch_loss(_run(gm, batch, step[0]), batch, loss_fn)
                 if loss.requires_grad:  # else no matched weight reaches the loss: all get None
                     loss.backward()
                 losses.append(loss.item())
