@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from giva_fx.adapters import ADAPTERS
 from giva_fx.errors import ConfigError
 from giva_fx.specs import (DataFormat, DataOptions, LoadedModel, ModelOptions, SpecError, default_batch,
                            load_batches, load_model, parse_model_args, trainer_format)
@@ -132,6 +133,24 @@ def data_options(name: str, required: bool) -> Callable:
     )
 
 
+selection_options = _compose(
+    click.option("--targets", multiple=True, metavar="GLOB", help="Adapt only weights matching these patterns "
+                                                                  "(repeatable or comma-separated)."),
+    click.option("--exclude", multiple=True, metavar="GLOB", help="Do not adapt weights matching these patterns."),
+    click.option("--train", "train_full", multiple=True, metavar="GLOB",
+                 help="Parameters to train in full, e.g. a new classifier head."),
+    click.option("--kind", "kinds", multiple=True, type=click.Choice(list(ADAPTERS)),
+                 help=f"Op kinds to adapt (repeatable) [default: {', '.join(ADAPTERS)}]."),
+)
+
+
+def _selection(params: dict[str, Any]) -> dict[str, Any]:
+    """adapt()'s op selection keywords for the options given (the others keep adapt()'s defaults)."""
+    given = {"targets": _patterns(params.pop("targets")), "exclude": _patterns(params.pop("exclude")),
+             "train": _patterns(params.pop("train_full")), "kinds": params.pop("kinds")}
+    return {k: v for k, v in given.items() if v}
+
+
 def _load_model(params: dict[str, Any]) -> LoadedModel:
     try:
         options = ModelOptions(task=params["task"], num_labels=params["num_labels"],
@@ -171,8 +190,8 @@ def cli() -> None:
     A typical run:
       giva-fx inspect hf:./bert --synthetic "input_ids=4x16:int<100"
       giva-fx adapt   hf:./bert --batch train.jsonl --rank 8 --out adapter.safetensors
-      giva-fx export  hf:./bert --adapter adapter.safetensors --training-artifacts artifacts
-      giva-fx train   artifacts --data train.safetensors --steps 200 --lr 1e-3
+      giva-fx export  hf:./bert --adapter adapter.safetensors --batch train.jsonl --training-artifacts art
+      giva-fx train   art --data train.jsonl --tokenizer ./bert --steps 200 --lr 1e-3
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # specs are local: never reach for a hub
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -186,15 +205,10 @@ def cli() -> None:
 @model_options
 @data_options("batch", required=False)
 @click.option("--rank", "-r", type=click.IntRange(1), default=8, show_default=True, help="Adapter rank r per op.")
-@click.option("--targets", multiple=True, metavar="GLOB", help="Adapt only weights matching these patterns "
-                                                                "(repeatable or comma-separated).")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Do not adapt weights matching these patterns.")
-@click.option("--kind", "kinds", multiple=True, default=("linear",), show_default=True,
-              help="Op kinds to adapt (repeatable).")
+@selection_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for programs instead of tables.")
 @verbose_option
-def inspect(as_json: bool, rank: int, targets: tuple[str, ...], exclude: tuple[str, ...],
-            kinds: tuple[str, ...], verbose: bool, **params: Any) -> None:
+def inspect(as_json: bool, rank: int, verbose: bool, **params: Any) -> None:
     """Show which ops of MODEL would be adapted and what it costs next to LoRA and VeRA.
 
     Traces MODEL on one sample batch (no gradients are computed) and lists each op to adapt
@@ -216,8 +230,7 @@ def inspect(as_json: bool, rank: int, targets: tuple[str, ...], exclude: tuple[s
             raise click.UsageError(f"{exc}; pass --batch DATA or --synthetic SPEC") from exc
     else:
         batch = _load_batches(model.data, params, "--batch", count=1)[0]
-    report = inspect_model(model.module, batch, rank=rank, targets=_patterns(targets) or None,
-                           exclude=_patterns(exclude), kinds=kinds)
+    report = inspect_model(model.module, batch, rank=rank, **_selection(params))
     if as_json:
         click.echo(json.dumps({"model": model.spec, **report.as_dict()}, indent=2))
     else:
@@ -233,22 +246,15 @@ def inspect(as_json: bool, rank: int, targets: tuple[str, ...], exclude: tuple[s
               show_default=True, help="How the bases are made from the gradient (random: VeRA-like).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Adapter file to write (.safetensors).")
-@click.option("--targets", multiple=True, metavar="GLOB", help="Adapt only weights matching these patterns "
-                                                                "(repeatable or comma-separated).")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Do not adapt weights matching these patterns.")
-@click.option("--train", "train_full", multiple=True, metavar="GLOB",
-              help="Parameters to train in full, e.g. a new classifier head.")
-@click.option("--kind", "kinds", multiple=True, default=("linear",), show_default=True,
-              help="Op kinds to adapt (repeatable).")
+@selection_options
 @click.option("--batches", type=click.IntRange(1), default=4, show_default=True,
               help="Batches to average the gradient over.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bases and synthetic data.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @overwrite_option
 @verbose_option
-def adapt(rank: int, init: str, out: Path, targets: tuple[str, ...], exclude: tuple[str, ...],
-          train_full: tuple[str, ...], kinds: tuple[str, ...], batches: int, seed: int, quiet: bool,
-          overwrite: bool, verbose: bool, **params: Any) -> None:
+def adapt(rank: int, init: str, out: Path, batches: int, seed: int, quiet: bool, overwrite: bool, verbose: bool,
+          **params: Any) -> None:
     """Profile gradients of MODEL on sample data and write a GiVA adapter file.
 
     The file holds the frozen bases, the trainable vectors and the settings: a small fraction of
@@ -263,9 +269,8 @@ def adapt(rank: int, init: str, out: Path, targets: tuple[str, ...], exclude: tu
     _check_output(out, overwrite, "--out")
     model = _load_model(params)
     samples = _load_batches(model.data, params, "--batch", count=batches, seed=seed)
-    adapted = giva_fx.adapt(model.module, samples, rank=rank, init=init, targets=_patterns(targets) or None,
-                            exclude=_patterns(exclude), train=_patterns(train_full), kinds=kinds, seed=seed,
-                            progress=not quiet)
+    adapted = giva_fx.adapt(model.module, samples, rank=rank, init=init, seed=seed, progress=not quiet,
+                            **_selection(params))
     giva_fx.save_adapter(adapted, out)
     s = giva_fx.summary(adapted)
     report = adapted.report

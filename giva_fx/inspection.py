@@ -10,7 +10,6 @@ ranks are shown after clamping to each op's shape. Comparisons, for the selected
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -60,11 +59,12 @@ class Inspection:
         return "\n".join(lines)
 
 
-def inspect_model(model: nn.Module, batch: Any, *, rank: int = 8, targets: Sequence[str] | None = None,
-                  exclude: Sequence[str] = (), kinds: Sequence[str] = ("linear",)) -> Inspection:
-    """Capture and match `model` on `batch` (no gradients) and cost GiVA, LoRA and VeRA on its ops."""
-    adapted = adapt(model, batch, rank=rank, init="random", targets=targets, exclude=exclude,
-                    kinds=kinds, progress=False)
+def inspect_model(model: nn.Module, batch: Any, *, rank: int = 8, **select: Any) -> Inspection:
+    """Capture and match `model` on `batch` (no gradients) and cost GiVA, LoRA and VeRA on its ops.
+
+    `select` takes `adapt`'s op selection keywords (targets=, exclude=, kinds=, train=) as documented there.
+    """
+    adapted = adapt(model, batch, rank=rank, init="random", progress=False, **select)
     s = summary(adapted)
     vera_rank = VERA_RANK_FACTOR * rank
     ins = [op.in_features for op in adapted.found.ops]

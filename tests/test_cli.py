@@ -99,6 +99,19 @@ def test_inspect_clamps_ranks_to_each_op_shape(hf):
     assert re.search(r"^GiVA\s+20\s", text, re.M) and re.search(r"^VeRA\s+160\s", text, re.M)
 
 
+def test_inspect_passes_the_op_selection_to_adapt(hf):
+    root, _ = hf
+    report = json.loads(run("inspect", f"hf:{root / 'bert'}", "--exclude", "*.attention.*,*pooler*",
+                            "--train", "classifier.*", "--json").stdout)
+    assert {r["weight"].split(".")[-2] for r in report["ops"]} == {"dense"}
+    assert not any(".attention." in r["weight"] for r in report["ops"])
+    reasons = {s["weight"]: s["reason"] for s in report["skipped"]}
+    assert reasons["bert.pooler.dense.weight"] == "excluded by '*pooler*'"
+    assert reasons["classifier.weight"].startswith("trained fully")
+    assert report["full_params"] == 16 * 3 + 3  # the classifier's weight and bias
+    run("inspect", f"hf:{root / 'bert'}", "--kind", "attention", code=2)
+
+
 def test_adapt_writes_the_bases_the_python_api_computes_on_the_same_batches(hf):
     root, out = hf
     path = root / "adapter.safetensors"
