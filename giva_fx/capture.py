@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import traceback
+import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -99,6 +101,28 @@ def _where(exc: BaseException) -> str:
     return f" at {f.filename}:{f.lineno} ({f.line})"
 
 
+def _takes(model: nn.Module) -> str:
+    """What `model.forward` accepts, for error messages."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return f"{type(model).__name__}.forward has no readable signature"
+    stars = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
+    return f"{type(model).__name__}.forward({', '.join(stars.get(p.kind, '') + p.name for p in params)})"
+
+
+def _warn_unused(model: nn.Module, ep: torch.export.ExportedProgram, batch: Batch) -> None:
+    """Warn about keyword inputs the model never reads: usually a misspelled name that a
+    ``**kwargs`` forward (as HF models have) swallowed. A tensor passed under two names is
+    read once, so those are not judged."""
+    seen = Counter(id(t) for t in batch.tensors())
+    unique = {k for k, v in batch.kwargs.items() if isinstance(v, torch.Tensor) and seen[id(v)] == 1}
+    unused = [n.name for n in ep.graph.nodes if n.op == "placeholder" and n.name in unique and not n.users]
+    if unused:
+        warnings.warn(f"{type(model).__name__} ignores batch input(s) {unused}: check their names against "
+                      f"{_takes(model)}", stacklevel=3)
+
+
 def _aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
     groups: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -139,9 +163,11 @@ def capture(model: nn.Module, batch: Batch) -> Captured:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CaptureError(
                 f"torch.export could not capture {type(model).__name__}{_where(exc)}: {first}. "
-                "Check that the sample batch is what the model's forward() takes; code that "
-                "branches on tensor values or returns non-tensor objects cannot be captured"
+                f"{_takes(model)}; the batch gave {len(batch.args)} positional input(s) and keywords "
+                f"{sorted(batch.kwargs)}. Pass batches that match forward(); code that branches on "
+                "tensor values or returns non-tensor objects cannot be captured"
             ) from exc
+    _warn_unused(model, ep, batch)
     exported = ep.module()
     gm = fx.GraphModule(exported, exported.graph)
     _rewrap(gm)
