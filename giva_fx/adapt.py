@@ -14,6 +14,7 @@ from torch import nn
 from giva_fx.adapters import ADAPTERS, make_adapter
 from giva_fx.batches import Batch, as_batches
 from giva_fx.capture import Captured, capture, signature_of
+from giva_fx.distributed import synchronized
 from giva_fx.errors import BatchError, CaptureError, ConfigError, MatchError
 from giva_fx.loss import LossFn
 from giva_fx.model import AdaptReport, GivaModel
@@ -92,11 +93,13 @@ def _profile_bases(gm: fx.GraphModule, samples: list[Batch], ops: Sequence[Weigh
                                     rank=config.rank, init=config.init, seed=config.seed, name=name)
         svd_s[0] += time.perf_counter() - start
 
-    if config.init == "random":  # no gradient needed
-        for name in by_name:
-            on_gradient(name, None)
-        return bases, [], svd_s[0]
-    losses = profile(gm, samples, list(by_name), on_gradient, loss_fn=loss_fn, progress=progress)
+    with synchronized(gm, ops, config, len(samples), on_gradient, bases) as sink:  # across ranks, if any
+        if config.init == "random":  # no gradient needed
+            for name in by_name:
+                sink(name, None)
+            losses = []
+        else:
+            losses = profile(gm, samples, list(by_name), sink, loss_fn=loss_fn, progress=progress)
     return bases, losses, svd_s[0]
 
 
