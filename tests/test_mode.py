@@ -39,3 +39,20 @@ def test_adapt_returns_the_model_in_the_mode_the_user_model_was_in():
     model, sample = functional_mlp()
     assert giva_fx.adapt(model.train(), sample, rank=2, progress=False).training
     assert not giva_fx.adapt(model.eval(), sample, rank=2, progress=False).training
+
+
+def test_batch_norm_uses_running_statistics_in_eval_and_counts_steps_only_in_training():
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(16, 6)
+    adapted = giva_fx.adapt(model.eval(), (x, torch.randint(0, 3, (16,))), rank=2, progress=False)
+    bn = adapted.graph_module.get_submodule("1")
+    counter, mean = bn.num_batches_tracked.clone(), bn.running_mean.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x), model(x), rtol=0, atol=1e-6)
+        assert bn.num_batches_tracked == counter and torch.equal(bn.running_mean, mean)
+        adapted.train()(x)
+    assert bn.num_batches_tracked == counter + 1 and not torch.equal(bn.running_mean, mean)
+    assert model[1].num_batches_tracked == 0 and torch.equal(model[1].running_mean, torch.zeros(8))

@@ -44,11 +44,24 @@ def _set(node: fx.Node, index: int, name: str, value: object) -> None:
         node.kwargs = {**node.kwargs, name: value}
 
 
+def _mode_spec(node: fx.Node) -> tuple[int, str, object] | None:
+    """(argument index, keyword name, eval value) of a mode-dependent node, else None. Besides
+    `MODE_ARGS`, batch norm's step counter (`num_batches_tracked += 1`) must not count in eval."""
+    if node.op != "call_function":
+        return None
+    if node.target is aten.add_.Tensor:
+        counter = node.args[0]
+        is_counter = isinstance(counter, fx.Node) and counter.op == "get_attr" and \
+            str(counter.target).endswith("num_batches_tracked")
+        return (1, "other", 0) if is_counter else None
+    return MODE_ARGS.get(node.target)
+
+
 def set_training(gm: fx.GraphModule, training: bool) -> bool:
     """Put every mode-dependent node of `gm` in train or eval form; True if the graph changed."""
     changed = False
     for node in gm.graph.nodes:
-        spec = MODE_ARGS.get(node.target) if node.op == "call_function" else None
+        spec = _mode_spec(node)
         if spec is None:
             continue
         index, name, eval_value = spec
