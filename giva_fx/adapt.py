@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from giva_fx.distributed import synchronized
 from giva_fx.errors import BatchError, CaptureError, ConfigError, MatchError
 from giva_fx.loss import LossFn
 from giva_fx.model import AdaptReport, GivaModel
-from giva_fx.passes.bases import Bases, check_init, check_rank, compute_bases
+from giva_fx.passes.bases import Bases, check_init, check_rank, check_seed, compute_bases
 from giva_fx.passes.match import MatchResult, WeightOp, match
 from giva_fx.passes.profile import profile
 from giva_fx.passes.rewrite import rewrite
@@ -39,15 +39,18 @@ class AdaptConfig:
     def __post_init__(self) -> None:
         check_rank(self.rank)
         check_init(self.init)
-        unknown = [k for k in self.kinds if k not in ADAPTERS]
-        if unknown or not self.kinds:
-            raise ConfigError(f"unknown op kinds {unknown or list(self.kinds)}; choose from {list(ADAPTERS)}")
-        for field_name in ("targets", "exclude", "train"):
+        check_seed(self.seed)
+        for field_name in ("targets", "exclude", "train", "kinds"):
             value = getattr(self, field_name)
             if isinstance(value, str):
                 object.__setattr__(self, field_name, (value,))
             elif value is not None:
+                if not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value):
+                    raise ConfigError(f"{field_name} must be a string or a list of strings, got {value!r}")
                 object.__setattr__(self, field_name, tuple(value))
+        unknown = [k for k in self.kinds if k not in ADAPTERS]
+        if unknown or not self.kinds:
+            raise ConfigError(f"unknown op kinds {unknown or list(self.kinds)}; choose from {list(ADAPTERS)}")
 
 
 def _gradient_2d(grad: torch.Tensor, op: WeightOp) -> torch.Tensor:
@@ -59,7 +62,7 @@ def _select(gm: fx.GraphModule, aliases: dict[str, tuple[str, ...]], config: Ada
     found = match(gm, aliases=aliases, targets=config.targets, exclude=config.exclude,
                   kinds=config.kinds, train=config.train)
     if not found.ops and not config.train:
-        seen = ", ".join(s.weight_name or "?" for s in found.skipped) or "none"
+        seen = "; ".join(f"{s.weight_name or '?'} ({s.reason})" for s in found.skipped) or "none"
         raise MatchError(
             f"no op selected for adaptation (targets={config.targets}, exclude={config.exclude}, "
             f"kinds={config.kinds}); weight ops seen: {seen}. Adjust targets=/exclude=/kinds="
@@ -68,15 +71,24 @@ def _select(gm: fx.GraphModule, aliases: dict[str, tuple[str, ...]], config: Ada
 
 
 def _train_fully(gm: fx.GraphModule, patterns: Sequence[str]) -> tuple[str, ...]:
-    """Give `train=` parameters their own trainable copy (the user's model is never written)."""
-    names = tuple(n for n, _ in gm.named_parameters() if any(fnmatch.fnmatchcase(n, p) for p in patterns))
-    if patterns and not names:
+    """Give `train=` parameters their own trainable copy (the user's model is never written).
+
+    A tied parameter (several names, one tensor) is matched by any of its names and gets ONE copy
+    under all of them, so the tie holds while training; it is reported by its first name."""
+    tied: dict[int, list[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    chosen = [names for names in tied.values()
+              if any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)]
+    if patterns and not chosen:
         raise MatchError(f"train={list(patterns)} matches no parameter; names look like "
                          f"{[n for n, _ in gm.named_parameters()][:5]}")
-    for name in names:
-        owner, _, attr = name.rpartition(".")
-        setattr(gm.get_submodule(owner), attr, nn.Parameter(gm.get_parameter(name).detach().clone()))
-    return names
+    for names in chosen:
+        trainable = nn.Parameter(gm.get_parameter(names[0]).detach().clone())
+        for name in names:
+            owner, _, attr = name.rpartition(".")
+            setattr(gm.get_submodule(owner), attr, trainable)
+    return tuple(names[0] for names in chosen)
 
 
 def _profile_bases(gm: fx.GraphModule, samples: list[Batch], ops: Sequence[WeightOp], config: AdaptConfig,
@@ -138,7 +150,7 @@ def adapt(
         progress: show progress bars.
     """
     config = AdaptConfig(rank=rank, init=init, targets=targets, exclude=exclude,
-                         kinds=tuple(kinds), train=train, seed=seed)
+                         kinds=kinds, train=train, seed=seed)
     samples = as_batches(batches)
     t0 = time.perf_counter()
     captured = capture(model, samples[0])

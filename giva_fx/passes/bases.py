@@ -52,6 +52,11 @@ def check_rank(rank: object) -> None:
         raise ConfigError(f"rank must be a positive int, got {rank!r}")
 
 
+def check_seed(seed: object) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an int, got {seed!r}")
+
+
 def max_rank(out_features: int, in_features: int, init: str) -> int:
     """The largest rank the shape allows for this init mode (VrU2r needs 2r singular vectors)."""
     limit = min(out_features, in_features)
