@@ -6,7 +6,6 @@ one line on stderr; `--verbose` adds the traceback.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from typing import Any
 import click
 
 from giva_fx.adapters import ADAPTERS
-from giva_fx.errors import ConfigError
+from giva_fx.errors import ConfigError, GivaError
 from giva_fx.specs import (DataFormat, DataOptions, LoadedModel, ModelOptions, SpecError, default_batch,
                            load_batches, load_model, parse_model_args, trainer_format)
 
@@ -78,8 +77,6 @@ class GivaCommand(click.Command):
 
 
 def _one_line(exc: BaseException, verbose: bool) -> str:
-    from giva_fx.errors import GivaError
-
     text = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, GivaError):
         return text
@@ -120,10 +117,9 @@ model_options = _compose(
 )
 
 
-def data_options(name: str, required: bool) -> Callable:
-    flag = f"--{name}"
+def data_options(flag: str) -> Callable:
     return _compose(
-        click.option(flag, "data", metavar="DATA", help=f"Sample data (see DATA below){'' if required else ' [optional]'}."),
+        click.option(flag, "data", metavar="DATA", help="Sample data (see DATA below), or --synthetic."),
         click.option("--synthetic", metavar="SPEC", help="Random sample data instead of DATA, e.g. "
                                                          "\"x=8x3x32x32,y=8:int<10\"."),
         click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
@@ -203,7 +199,7 @@ def cli() -> None:
 
 @cli.command(cls=GivaCommand, context_settings=CONTEXT, epilog=MODEL_HELP + "\n" + DATA_HELP)
 @model_options
-@data_options("batch", required=False)
+@data_options("--batch")
 @click.option("--rank", "-r", type=click.IntRange(1), default=8, show_default=True, help="Adapter rank r per op.")
 @selection_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for programs instead of tables.")
@@ -240,7 +236,7 @@ def inspect(as_json: bool, rank: int, verbose: bool, **params: Any) -> None:
 
 @cli.command(cls=GivaCommand, context_settings=CONTEXT, epilog=MODEL_HELP + "\n" + DATA_HELP)
 @model_options
-@data_options("batch", required=True)
+@data_options("--batch")
 @click.option("--rank", "-r", type=click.IntRange(1), default=8, show_default=True, help="Adapter rank r per op.")
 @click.option("--init", type=click.Choice(["Vr", "VrUr", "VrU2r", "VrUrand", "random"]), default="Vr",
               show_default=True, help="How the bases are made from the gradient (random: VeRA-like).")
@@ -283,7 +279,7 @@ def adapt(rank: int, init: str, out: Path, batches: int, seed: int, quiet: bool,
 
 @cli.command(cls=GivaCommand, context_settings=CONTEXT, epilog=MODEL_HELP + "\n" + DATA_HELP)
 @model_options
-@data_options("batch", required=True)
+@data_options("--batch")
 @click.option("--adapter", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Adapter file written by `giva-fx adapt`.")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -361,7 +357,7 @@ DATA is one of:
 
 @cli.command(cls=GivaCommand, context_settings=CONTEXT, epilog=TRAIN_DATA_HELP)
 @click.argument("artifacts", metavar="DIR", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@data_options("data", required=True)
+@data_options("--data")
 @click.option("--steps", type=click.IntRange(1), required=True, help="Optimizer steps (batches cycle).")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True,
               help="Learning rate (the peak, with --warmup-steps).")

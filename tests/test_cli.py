@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import giva_fx
 from giva_fx.cli import cli
 from giva_fx.specs import DataOptions, ModelOptions, load_batches, load_model
-from tests.test_specs import VOCAB, tiny_bert_dir
+from tests.test_specs import tiny_bert_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -143,7 +143,8 @@ def test_exported_onnx_runs_and_matches_pytorch(hf):
 
 def test_train_learns_and_its_checkpoint_and_onnx_carry_the_trained_vectors(hf):
     root, out = hf
-    before, after = map(float, re.search(r"loss on the first batch: ([\d.]+) -> ([\d.]+)", out["train"].stdout).groups())
+    losses = re.search(r"loss on the first batch: ([\d.]+) -> ([\d.]+)", out["train"].stdout)
+    before, after = map(float, losses.groups())
     assert after < before
     ckpt = root / "artifacts" / "trained.ckpt"
     assert f"wrote {ckpt}" in out["train"].stdout
