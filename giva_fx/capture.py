@@ -38,11 +38,13 @@ class Captured:
 
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Restore each submodule's train/eval flag, parameter requires_grad flags and HF
-    `config.use_cache` on exit, even when the body raises."""
+    """Restore each submodule's train/eval flag, parameter requires_grad flags and the HF config
+    (`use_cache`, and whatever forward() writes into it, e.g. `problem_type`) on exit, even when
+    the body raises."""
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     config = getattr(model, "config", None)
+    settings = dict(vars(config)) if config is not None and hasattr(config, "__dict__") else None
     had_cache = config is not None and hasattr(config, "use_cache")
     use_cache = getattr(config, "use_cache", None) if had_cache else None
     try:
@@ -52,6 +54,10 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             m.training = mode
         for p, flag in flags:
             p.requires_grad_(flag)
+        if settings is not None:
+            for key in [k for k in vars(config) if k not in settings]:
+                del vars(config)[key]
+            vars(config).update(settings)
         if had_cache:
             config.use_cache = use_cache
 
