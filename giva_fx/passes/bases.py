@@ -133,6 +133,11 @@ def compute_bases(
     """Bases for one weight from its (out x in) gradient; falls back to `random` with a warning
     when the gradient is missing, zero or non-finite."""
     check_init(init)
+    note = None
+    if init == "VrU2r" and max_rank(out_features, in_features, init) == 0:  # a 1-row or 1-column weight
+        note = f"VrU2r needs 2 singular vectors but a {out_features}x{in_features} weight has 1; used Vr"
+        warnings.warn(f"{name}: {note}", stacklevel=2)
+        init = "Vr"
     rank = clamp_rank(rank, out_features, in_features, init, name)
     seed = op_seed(seed, name)
     problem = None if init == "random" else gradient_problem(grad)
@@ -153,4 +158,4 @@ def compute_bases(
         b = u[:, rank:2 * rank].contiguous()
     else:  # Vr, VrUrand: B comes from the seed alone
         b = seeded_bases(init, out_features, in_features, rank, seed)["B"]
-    return Bases(a, b, init)
+    return Bases(a, b, init, note)
