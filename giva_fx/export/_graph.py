@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 # training=TRAINING keeps equal-valued lambdas as separate initializers instead of merging them.
 EXPORTER = MappingProxyType({"dynamo": False, "opset_version": 15, "do_constant_folding": False})
 MAX_IR_VERSION = 10  # the newest ONNX IR that onnxruntime(-training) 1.19 loads
-WRAPPER_ROOT = "graph"  # the exported module's attribute holding the graph: initializer names start with it
+WRAPPER_ROOT = "graph"
+GUARDS = "_guards_fn"  # the submodule torch.export adds to check input shapes  # the exported module's attribute holding the graph: initializer names start with it
 
 INSTALL_HINT = ("pip install onnxruntime-training==1.19.2 onnx==1.17.0 (onnxruntime-training provides the "
                 "`onnxruntime` module: do not install plain onnxruntime next to it)")
@@ -89,6 +90,11 @@ def eval_graph(adapted: GivaModel, batch: Batch, *, merged: bool) -> fx.GraphMod
                           "before merging, or call giva_fx.unmerge(adapted, model) first")
     source = adapted.graph_for(batch.args, batch.kwargs)
     gm = fx.GraphModule(source, copy.deepcopy(source.graph))
+    for node in list(gm.graph.nodes):  # torch.export's input-shape checks cannot run on traced sizes
+        if node.op == "call_module" and node.target == GUARDS and not node.users:
+            gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
     set_training(gm, False)
     if merged:
         _fold_adapters(gm)
@@ -118,6 +124,44 @@ def _fold_adapters(gm: fx.GraphModule) -> None:
             owner, _, attr = name.rpartition(".")
             merged = (weight.float() + delta).to(weight.dtype)
             setattr(gm.get_submodule(owner), attr, nn.Parameter(merged, requires_grad=False))
+
+
+def frozen_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                      mean: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
+    """Eval-mode batch norm as a per-channel scale and shift."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return x * scale.reshape(shape) + shift.reshape(shape)
+
+
+def freeze_batch_norm(gm: fx.GraphModule) -> int:
+    """Write eval-form batch norms as plain arithmetic; returns how many.
+
+    ONNX Runtime's training graph turns every BatchNormalization into its training form (batch
+    statistics), whatever its training_mode says; as Mul/Add it keeps using the running statistics,
+    as the PyTorch model in eval mode does, and the statistics stay frozen.
+    """
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.batch_norm.default:
+            continue
+        x, weight, bias, mean, var, training, _momentum, eps = node.args[:8]
+        if training:
+            continue
+        with gm.graph.inserting_before(node):
+            frozen = gm.graph.call_function(frozen_batch_norm, (x, weight, bias, mean, var, eps))
+        node.replace_all_uses_with(frozen)
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
 
 
 class FlatModel(nn.Module):
@@ -156,27 +200,25 @@ def loss_output(out: Any) -> torch.Tensor:
 
 
 def dynamic_axes(gm: fx.GraphModule, sample: Batch, slots: Sequence[Slot]) -> dict[str, dict[int, str]]:
-    """The input dims the captured graph keeps symbolic: dim 0 is `batch`, dim 1 of an integer input
-    (token ids, masks) is `sequence`, any other `<input>_dim<d>`; dims the model fixes stay fixed."""
+    """`batch` (dim 0) and, for integer inputs (token ids, masks), `sequence` (dim 1), where the
+    captured graph keeps them symbolic. Every other dim keeps the sample's size: ONNX Runtime's pooling
+    gradients need static spatial sizes, and a model rarely takes others."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    by_key = {slot.key: slot.name for slot in slots}
-    args = tuple(by_key.get(i, "") for i in range(len(sample.args)))
+    by_key = {slot.key: slot for slot in slots}
+    args = tuple(by_key.get(i, "") for i in range(len(sample.args)))  # "" (a pytree leaf): not fed
     kwargs = {k: by_key.get(k, "") for k in sample.kwargs}
     in_spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "in_spec", None)
-    # placeholders follow the capture's flattened (args, kwargs); "" marks an input that is not fed
-    names = fx_pytree.tree_flatten_spec((args, kwargs), in_spec) if in_spec else [*args, *kwargs.values()]
+    # placeholders follow the capture's flattened (args, kwargs)
+    flat = fx_pytree.tree_flatten_spec((args, kwargs), in_spec) if in_spec else [*args, *kwargs.values()]
     axes: dict[str, dict[int, str]] = {}
-    by_name = {s.name: s for s in slots}
-    for node, name in zip(placeholders, names):
+    for node, slot in zip(placeholders, flat):
         val = node.meta.get("val")
-        if not name or not isinstance(val, torch.Tensor):
+        if not isinstance(slot, Slot) or not isinstance(val, torch.Tensor):
             continue
-        integer = not by_name[name].dtype.startswith(("float", "bfloat", "complex"))
-        dims = {}
-        for d, size in enumerate(val.shape):
-            if isinstance(size, torch.SymInt):
-                dims[d] = "batch" if d == 0 else "sequence" if d == 1 and integer else f"{name}_dim{d}"
-        axes[name] = dims
+        integer = not slot.dtype.startswith(("float", "bfloat", "complex"))
+        names = ("batch", "sequence") if integer else ("batch",)
+        axes[slot.name] = {d: names[d] for d in range(min(len(names), val.dim()))
+                           if isinstance(val.shape[d], torch.SymInt)}
     return axes
 
 

@@ -25,11 +25,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from giva_fx.batches import as_batch
+import numpy as np
+import torch
+
+from giva_fx.batches import Batch, as_batch
 from giva_fx.errors import ConfigError, ExportError
 from giva_fx.export._files import atomic_dir
 from giva_fx.export._graph import (EXPORTER, MAX_IR_VERSION, FlatModel, Slot, check_vectors, eval_graph,
-                                   export_onnx, flat_logits_output, input_slots, loss_output, require)
+                                   export_onnx, flat_logits_output, freeze_batch_norm, input_slots, loss_output,
+                                   require)
 from giva_fx.loss import logits_of
 from giva_fx.model import GivaModel
 from giva_fx.trainable import trainable_parameters
@@ -51,6 +55,19 @@ class ArtifactsInfo:
     trainable: dict[str, tuple[int, ...]]
     optimizer: dict[str, Any]
     exporter: dict[str, Any]
+
+    def feeds(self, batch: Batch) -> dict[str, np.ndarray]:
+        """The graph inputs for `batch`, by name; a missing input or target is an `ExportError`."""
+        feeds = {slot.name: _array(slot.take(batch), slot.dtype) for slot in self.inputs}
+        if self.target is not None:
+            target = batch.target if batch.target is not None else batch.kwargs.get("labels")
+            if not isinstance(target, torch.Tensor):
+                raise ExportError(f"loss={self.loss!r} needs a target: pass (inputs, target) batches or a "
+                                  "`labels` entry in dict batches")
+            if self.loss == "cross_entropy":  # the graph's logits are (N, classes)
+                target = target.reshape(-1)
+            feeds[self.target.name] = _array(target, self.target.dtype)
+        return feeds
 
     def to_json(self) -> str:
         return json.dumps({"format": "giva-fx ort-training", "version": 1, **asdict(self)}, indent=1)
@@ -116,8 +133,11 @@ def training_artifacts(
         target = Slot("labels", "target", "int64") if loss == "cross_entropy" else Slot("target", "target", "float32")
         outputs, names = ((flat_logits_output if loss == "cross_entropy" else logits_of),), ("logits",)
     gm = eval_graph(adapted, batch, merged=False)
+    freeze_batch_norm(gm)
     model = export_onnx(FlatModel(gm, batch, slots, outputs), adapted, batch, slots, names)
     check_vectors(model, trainable)
+    # static shapes through the adapters' shape arithmetic: ORT's pooling gradients read them
+    model = require("onnx").shape_inference.infer_shapes(model, data_prop=True)
     frozen = [i.name for i in model.graph.initializer if i.name not in trainable]
     info = ArtifactsInfo(slots, target, loss, trainable,
                          {"name": optimizer, **({"betas": list(betas), "eps": eps, "weight_decay": weight_decay,
@@ -128,7 +148,7 @@ def training_artifacts(
         _generate(model, trainable, frozen, loss, optimizer, betas, eps, weight_decay, tmp)
         _pin_versions(tmp, adamw=optimizer == "adamw")
         (tmp / INFO).write_text(info.to_json())
-        verify(tmp, trainable)
+        verify(tmp, info, batch)
     return Path(out_dir)
 
 
@@ -161,10 +181,11 @@ def _pin_versions(out: Path, *, adamw: bool) -> None:
         onnx_lib.save(model, out / name)
 
 
-def verify(out_dir: str | os.PathLike, trainable: dict[str, tuple[int, ...]]) -> None:
-    """The training model computes gradients for exactly `trainable`, and all four artifacts load."""
+def verify(out_dir: str | os.PathLike, info: ArtifactsInfo, sample: Batch | None = None) -> None:
+    """The training model computes gradients for exactly the trainable vectors, all four artifacts
+    load, and (when `sample` holds what the loss needs) a training and an eval step run on it."""
     onnx_lib, api = require("onnx"), require("onnxruntime.training.api")
-    out = Path(out_dir)
+    out, trainable = Path(out_dir), info.trainable
     graph = onnx_lib.load(out / TRAINING_MODEL, load_external_data=False).graph
     grads = {o.name.removesuffix(_GRAD_SUFFIX) for o in graph.output if o.name.endswith(_GRAD_SUFFIX)}
     if grads != set(trainable):
@@ -178,6 +199,21 @@ def verify(out_dir: str | os.PathLike, trainable: dict[str, tuple[int, ...]]) ->
     if module.get_parameters_size(trainable_only=True) != expected:
         raise ExportError(f"the checkpoint holds {module.get_parameters_size(trainable_only=True)} trainable "
                           f"values, the adapter vectors {expected}")
+    try:
+        feeds = info.feeds(sample) if sample is not None else None
+    except ExportError:
+        feeds = None  # no target in the sample: nothing to run
+    if feeds is not None:
+        with native_output_to_error("the training graph does not run on the sample batch"):
+            for training in (True, False):
+                inputs = [feeds[n] for n in module.train(training).input_names()]
+                loss = np.asarray(module(*inputs)[0])
+                if not np.isfinite(loss).all():
+                    raise ExportError(f"the {'training' if training else 'eval'} graph gives a loss of {loss}")
+
+
+def _array(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    return np.ascontiguousarray(tensor.detach().cpu().numpy().astype(dtype, copy=False))
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -202,8 +238,7 @@ def native_output_to_error(what: str) -> Iterator[None]:
         except Exception as exc:
             log.seek(0)
             lines = [ln for ln in log.read().decode(errors="replace").splitlines() if ln.strip()]
-            errors = [ln for ln in lines if "[E:" in ln or "rror" in ln] or lines
-            detail = "\n  ".join(errors[-5:])
+            detail = "\n  ".join([ln for ln in lines if "[E:" in ln][-3:])
             raise ExportError(f"{what}: {exc}" + (f"\n  {detail}" if detail else "")) from exc
         finally:
             sys.stdout.flush()

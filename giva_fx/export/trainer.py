@@ -28,6 +28,8 @@ from giva_fx.export.ort_training import (CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL
 from giva_fx.model import GivaModel
 from giva_fx.trainable import trainable_parameters
 
+_STEPS = "giva_fx.steps"  # checkpoint property: optimizer steps taken, for the schedule on resume
+
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -44,7 +46,9 @@ class OrtTrainer:
         out_dir: the directory `giva_fx.export.training_artifacts` wrote.
         lr: the learning rate (the peak one when a schedule is set).
         warmup_steps, total_steps: with `total_steps`, the rate rises linearly from 0 to `lr` over
-            `warmup_steps` steps, then falls linearly to 0 at `total_steps` (ORT's LinearLRScheduler).
+            `warmup_steps` steps, then falls linearly to 0 at `total_steps` (the rule of ORT's
+            LinearLRScheduler and of transformers' linear schedule; set per step here, because
+            onnxruntime-training 1.19.2's Python LinearLRScheduler swaps its two step counts).
         checkpoint: start from this checkpoint (one `save` wrote) instead of `out_dir`'s initial one.
         device: ONNX Runtime device, e.g. "cpu" or "cuda".
     """
@@ -64,28 +68,30 @@ class OrtTrainer:
             self.module = api.Module(self.out_dir / TRAINING_MODEL, self.state, self.out_dir / EVAL_MODEL,
                                      device=device)
             self.optimizer = api.Optimizer(self.out_dir / OPTIMIZER_MODEL, self.module)
-        self.optimizer.set_learning_rate(lr)
-        self.scheduler = (api.LinearLRScheduler(self.optimizer, warmup_steps, total_steps, lr)
-                          if total_steps is not None else None)
-        self.steps = 0
+        self.base_lr, self.warmup_steps, self.total_steps = lr, warmup_steps, total_steps
+        props = self.state.properties
+        self.steps = int(props[_STEPS]) if _STEPS in props else 0  # resumed runs continue their schedule
 
     @property
     def lr(self) -> float:
-        """The learning rate the next step uses."""
-        return self.optimizer.get_learning_rate()
+        """The learning rate the next step uses: `base_lr`, scaled by the schedule if one is set."""
+        if self.total_steps is None:
+            return self.base_lr
+        step, warmup, total = self.steps, self.warmup_steps, self.total_steps
+        factor = step / warmup if step < warmup else max(0.0, (total - step) / (total - warmup))
+        return self.base_lr * factor
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self.optimizer.set_learning_rate(value)
+        self.base_lr = value
 
     def step(self, batch: Any) -> float:
         """One optimizer step on `batch` (any form `adapt` takes); returns the loss before the step."""
         self.module.train()
         loss = self._run(as_batch(batch))[0]
+        self.optimizer.set_learning_rate(self.lr)
         self.optimizer.step()
         self.module.lazy_reset_grad()
-        if self.scheduler is not None:
-            self.scheduler.step()
         self.steps += 1
         return float(loss)
 
@@ -106,8 +112,10 @@ class OrtTrainer:
         return grads
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the current state (vectors, frozen weights, optimizer moments) as a checkpoint file."""
+        """Write the current state (vectors, frozen weights, optimizer moments, step count) as a
+        checkpoint file; `OrtTrainer(out_dir, checkpoint=path)` resumes from it."""
         api = require("onnxruntime.training.api")
+        self.state.properties[_STEPS] = self.steps
         with atomic_file(path) as tmp:
             api.CheckpointState.save_checkpoint(self.state, tmp, include_optimizer_state=True)
         return Path(path)
@@ -123,28 +131,8 @@ class OrtTrainer:
         return Path(path)
 
     def _run(self, batch: Batch) -> tuple[np.ndarray, ...]:
-        feeds = {slot.name: _array(slot.take(batch), slot.dtype) for slot in self.info.inputs}
-        if self.info.target is not None:
-            feeds[self.info.target.name] = self._target(batch)
-        names = self.module.input_names()
-        missing = [n for n in names if n not in feeds]
-        if missing:
-            raise ExportError(f"the graph takes {missing}, which the batch does not give; pass batches of the "
-                              f"form the artifacts were exported with (inputs {[s.name for s in self.info.inputs]})")
-        return self.module(*[feeds[n] for n in names])
-
-    def _target(self, batch: Batch) -> np.ndarray:
-        target = batch.target if batch.target is not None else batch.kwargs.get("labels")
-        if not isinstance(target, torch.Tensor):
-            raise ExportError(f"loss={self.info.loss!r} needs a target: pass (inputs, target) batches or a "
-                              "`labels` entry in dict batches")
-        if self.info.loss == "cross_entropy":  # the graph's logits are (N, classes)
-            target = target.reshape(-1)
-        return _array(target, self.info.target.dtype)
-
-
-def _array(tensor: torch.Tensor, dtype: str) -> np.ndarray:
-    return np.ascontiguousarray(tensor.detach().cpu().numpy().astype(dtype, copy=False))
+        feeds = self.info.feeds(batch)
+        return self.module(*[feeds[n] for n in self.module.input_names()])
 
 
 @torch.no_grad()
