@@ -320,7 +320,12 @@ def export(adapter: Path, onnx_path: Path | None, merged: bool, artifacts: Path 
             _check_output(path, overwrite, flag)
     model = _load_model(params)
     sample = _load_batches(model.data, params, "--batch", count=1)[0]
-    adapted = giva_fx.load_adapter(model.module, adapter, sample, strict=strict)
+    try:
+        adapted = giva_fx.load_adapter(model.module, adapter, sample, strict=strict)
+    except giva_fx.AdapterFileError as exc:  # say the option's command-line name
+        if verbose:
+            traceback.print_exc()
+        raise click.ClickException(_one_line(exc, verbose).replace("strict=False", "--no-strict")) from exc
     click.echo(f"loaded {adapter} onto {model.describe()}: {len(adapted.adapters())} adapters")
     if onnx_path is not None:
         giva_export.onnx(adapted, sample, onnx_path, merged=merged)

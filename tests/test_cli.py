@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import giva_fx
 from giva_fx.cli import cli
@@ -172,6 +172,17 @@ def test_existing_outputs_are_kept_unless_overwrite(hf):
     assert "trained.ckpt exists; pass --overwrite" in result.stderr
 
 
+def test_an_adapter_from_another_model_is_refused_naming_no_strict(hf, tmp_path):
+    root, _ = hf
+    other = tiny_bert_dir(tmp_path / "other", tokenizer=False)
+    weights = load_file(str(other / "model.safetensors"))
+    save_file({k: v + 0.01 for k, v in weights.items()}, str(other / "model.safetensors"))
+    result = run("export", f"hf:{other}", "--adapter", root / "adapter.safetensors", "--synthetic",
+                 "input_ids=2x4:int<10", "--onnx", tmp_path / "m.onnx", code=1)
+    assert "does not fit this model" in result.stderr and "--no-strict" in result.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
 # ---- errors and help ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", ["inspect", "adapt", "export", "train"])
@@ -220,8 +231,6 @@ def test_console_script_runs_timm_end_to_end(tmp_path):
         "patch_size": 8, "embed_dim": 24, "depth": 1, "num_heads": 2})).module
     gen = torch.Generator().manual_seed(0)
     weights = {k: v + 0.02 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
-    from safetensors.torch import save_file
-
     save_file(weights, str(tmp_path / "vit.safetensors"))
     x = np.random.default_rng(0).normal(size=(16, 3, 16, 16))
     np.savez(tmp_path / "data.npz", x=x, y=(x[:, 0].mean(axis=(1, 2)) > 0).astype(np.int64))
