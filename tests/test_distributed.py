@@ -125,22 +125,22 @@ def _train(model: torch.nn.Module, params: list[torch.nn.Parameter], batch: dict
 # ----------------------------------------------------------------------------- jobs (run on every rank)
 
 def _profile_and_train_job(rank: int, out: Path) -> dict[str, Any]:
-    model, _ = CASES["bert"]()
-    batches = [_bert_batch(rank, 0), _bert_batch(rank, 1)]
-    result: dict[str, Any] = {}
-    random_init = giva_fx.adapt(model, batches, rank=4, init="random", progress=False)
+    mlp, sample = CASES["functional_mlp"]()
+    random_init = giva_fx.adapt(mlp, sample, rank=4, init="random", progress=False)
     safetensors.torch.save_file(_bases(random_init), str(out / f"random{rank}.safetensors"))
-    adapted = giva_fx.adapt(model, batches, rank=4, progress=False)
+
+    model, _ = CASES["bert"]()
+    adapted = giva_fx.adapt(model, [_bert_batch(rank, 0), _bert_batch(rank, 1)], rank=4, progress=False)
     safetensors.torch.save_file(_bases(adapted), str(out / f"bases{rank}.safetensors"))
 
     ddp = DistributedDataParallel(adapted)
     logged = ddp._get_ddp_logging_data()
-    result["reducer"] = {k: logged[k] for k in ("num_parameter_tensors", "total_parameter_size_bytes")}
-    _train(ddp, list(ddp.parameters()), _bert_batch(rank, 0))
-    trained = {n: p.detach().clone() for n, p in giva_fx.trainable_parameters(adapted).items()}
-    safetensors.torch.save_file(trained, str(out / f"trained{rank}.safetensors"))
+    result: dict[str, Any] = {
+        "reducer": {k: logged[k] for k in ("num_parameter_tensors", "total_parameter_size_bytes")}}
+    vectors = giva_fx.trainable_parameters(adapted)
+    _train(ddp, list(vectors.values()), _bert_batch(rank, 0))
+    safetensors.torch.save_file({n: p.detach() for n, p in vectors.items()}, str(out / f"trained{rank}.safetensors"))
 
-    mlp, sample = CASES["functional_mlp"]()
     for case, call in {
         "seed": lambda: giva_fx.adapt(mlp, sample, rank=4, seed=rank, progress=False),
         "weights": lambda: giva_fx.adapt(_reseeded_mlp(rank), sample, rank=4, progress=False),
@@ -231,8 +231,8 @@ def test_bases_equal_those_of_one_process_on_the_concatenated_batches(trained, s
 
 def test_random_bases_do_not_depend_on_the_process(trained):
     _, out = trained
-    model, _ = CASES["bert"]()
-    single = _bases(giva_fx.adapt(model, _concatenated(0), rank=4, init="random", progress=False))
+    mlp, sample = CASES["functional_mlp"]()
+    single = _bases(giva_fx.adapt(mlp, sample, rank=4, init="random", progress=False))
     ranks = _load(out, "random", 0)
     assert all(torch.equal(ranks[name], value) for name, value in single.items())
 
