@@ -158,7 +158,7 @@ def _load_model(params: dict[str, Any]) -> LoadedModel:
 
 
 def _load_batches(fmt: DataFormat, params: dict[str, Any], flag: str, count: int | None,
-                  seed: int = 0) -> list[Any]:
+                  seed: int = 0, drop_last: bool = False) -> list[Any]:
     data, synthetic = params["data"], params["synthetic"]
     if data is not None and synthetic is not None:
         raise click.UsageError(f"give {flag} or --synthetic, not both")
@@ -167,7 +167,7 @@ def _load_batches(fmt: DataFormat, params: dict[str, Any], flag: str, count: int
     options = DataOptions(max_length=params["max_length"], img_size=params.get("img_size"), seed=seed)
     try:
         return load_batches(fmt, data=data, synthetic=synthetic, batch_size=params["batch_size"],
-                            count=count, options=options)
+                            count=count, drop_last=drop_last, options=options)
     except SpecError as exc:
         raise click.BadParameter(str(exc), param_hint=flag if synthetic is None else "--synthetic") from exc
 
@@ -389,9 +389,10 @@ def train(artifacts: Path, steps: int, lr: float, warmup_steps: int, out: Path |
           device: str, seed: int, quiet: bool, overwrite: bool, verbose: bool, **params: Any) -> None:
     """Train the adapter vectors with ONNX Runtime from the artifacts in DIR (on-device style).
 
-    Runs --steps optimizer steps over the batches of DATA (cycling), shows the loss, and writes a
-    checkpoint (load it into PyTorch with giva_fx.export.load_ort_checkpoint) and, with --onnx,
-    the trained inference model. No PyTorch model is needed.
+    Runs --steps optimizer steps over the full batches of DATA (cycling; a short last batch is
+    left out), shows the loss, and writes a checkpoint (load it into PyTorch with
+    giva_fx.export.load_ort_checkpoint) and, with --onnx, the trained inference model. No PyTorch
+    model is needed. Give batches shaped like the sample the artifacts were exported with.
 
     \b
     Example:
@@ -412,7 +413,7 @@ def train(artifacts: Path, steps: int, lr: float, warmup_steps: int, out: Path |
     params["img_size"] = img_size
     # a synthetic dry run cycles over a few distinct batches
     batches = _load_batches(fmt, params, "--data", count=None if params["synthetic"] is None else min(steps, 16),
-                            seed=seed)
+                            seed=seed, drop_last=True)
     trainer = OrtTrainer(artifacts, lr=lr, warmup_steps=warmup_steps,
                          total_steps=steps if warmup_steps else None, checkpoint=resume, device=device)
     before = trainer.evaluate(batches[0]).loss

@@ -435,11 +435,14 @@ def to_batch(named: Mapping[str, torch.Tensor], takes_dict: bool) -> Any:
 
 
 def split_batches(samples: Mapping[str, torch.Tensor], batch_size: int, takes_dict: bool,
-                  count: int | None = None) -> list[Any]:
-    """Consecutive `batch_size`-row batches (the last may be short), the first `count` of them."""
+                  count: int | None = None, drop_last: bool = False) -> list[Any]:
+    """Consecutive `batch_size`-row batches, the first `count` of them. The last may be short, unless
+    `drop_last` (when there are enough rows for one full batch)."""
     if batch_size < 1:
         raise SpecError(f"the batch size must be positive, got {batch_size}")
     rows = next(iter(samples.values())).shape[0]
+    if drop_last and rows >= batch_size:
+        rows -= rows % batch_size
     starts = range(0, rows, batch_size)[:count]
     return [to_batch({k: v[s:s + batch_size] for k, v in samples.items()}, takes_dict) for s in starts]
 
@@ -475,11 +478,12 @@ def trainer_format(artifacts_dir: Path, *, tokenizer_dir: Path | None = None, im
 
 
 def load_batches(fmt: DataFormat, *, data: str | None = None, synthetic: str | None = None,
-                 batch_size: int = 16, count: int | None = None,
+                 batch_size: int = 16, count: int | None = None, drop_last: bool = False,
                  options: DataOptions = DataOptions()) -> list[Any]:
     """Batches in format `fmt` from a data file/folder or a synthetic spec (exactly one of them).
 
     A synthetic spec gives its own batch size and draws `count` (default 1) distinct batches.
+    `drop_last` leaves out a short last batch (training steps then all see `batch_size` rows).
     """
     if (data is None) == (synthetic is None):
         raise SpecError("give the data as a file/folder or as a synthetic spec (exactly one)")
@@ -487,4 +491,4 @@ def load_batches(fmt: DataFormat, *, data: str | None = None, synthetic: str | N
         samples, batch_size = synthetic_samples(synthetic, count or 1, options.seed)
     else:
         samples = read_samples(Path(data).expanduser(), fmt, options)
-    return split_batches(samples, batch_size, fmt.takes_dict, count)
+    return split_batches(samples, batch_size, fmt.takes_dict, count, drop_last)

@@ -49,7 +49,7 @@ def hf(tmp_path_factory):
     bert = tiny_bert_dir(root / "bert")
     gen = np.random.default_rng(0)
     lines = []
-    for _ in range(16):  # label 1 when the text says "good", else 0: something to learn
+    for _ in range(20):  # label 1 when the text says "good", else 0: something to learn
         words = list(gen.choice(WORDS, size=5))
         lines.append({"text": " ".join(words), "label": int("good" in words)})
     (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
@@ -146,6 +146,7 @@ def test_train_learns_and_its_checkpoint_and_onnx_carry_the_trained_vectors(hf):
     losses = re.search(r"loss on the first batch: ([\d.]+) -> ([\d.]+)", out["train"].stdout)
     before, after = map(float, losses.groups())
     assert after < before
+    assert "trained 30 steps on 2 batch(es)" in out["train"].stdout  # 20 rows: the short third batch is left out
     ckpt = root / "artifacts" / "trained.ckpt"
     assert f"wrote {ckpt}" in out["train"].stdout
     model, batches = hf_batches(root, count=1)

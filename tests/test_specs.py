@@ -208,6 +208,8 @@ def test_batches_are_consecutive_rows():
     batches = split_batches(samples, 4, takes_dict=False)
     assert [b[1].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert len(split_batches(samples, 4, takes_dict=False, count=2)) == 2
+    assert [len(b[1]) for b in split_batches(samples, 4, takes_dict=False, drop_last=True)] == [4, 4]
+    assert [len(b[1]) for b in split_batches(samples, 16, takes_dict=False, drop_last=True)] == [10]
 
 
 # ---- files ------------------------------------------------------------------------------------
