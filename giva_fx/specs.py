@@ -120,8 +120,12 @@ def load_model(spec: str, options: ModelOptions = ModelOptions()) -> LoadedModel
     if not sep or scheme not in loaders or not rest:
         raise SpecError(f"{spec!r} is not a model spec; use hf:DIR, hf:CONFIG.json, timm:NAME or "
                         "py:MODULE:FACTORY")
-    if options.checkpoint is not None and scheme != "timm":
-        raise SpecError("--checkpoint applies to timm: models; hf: directories carry their own weights")
+    only = {"--task": (options.task, "hf"), "--num-labels": (options.num_labels, "hf"),
+            "--num-classes": (options.num_classes, "timm"), "--checkpoint": (options.checkpoint, "timm")}
+    for flag, (value, owner) in only.items():
+        if value is not None and scheme != owner:
+            raise SpecError(f"{flag} applies to {owner}: models, not {scheme}: ones; leave it out or use "
+                            "--model-arg KEY=VALUE for the model's own arguments")
     loaded = loaders[scheme](rest, options)
     loaded.module.eval()
     return loaded

@@ -143,6 +143,13 @@ def test_malformed_model_specs_say_which_forms_exist(spec):
         load_model(spec)
 
 
+def test_options_of_another_model_kind_are_refused():
+    with pytest.raises(SpecError, match="--num-labels applies to hf: models, not timm: ones"):
+        load_model("timm:vit_tiny_patch16_224", ModelOptions(num_labels=3))
+    with pytest.raises(SpecError, match="--checkpoint applies to timm: models, not hf: ones"):
+        load_model("hf:/x", ModelOptions(checkpoint=Path("w.safetensors")))
+
+
 def test_model_args_are_read_as_json_when_they_parse():
     assert parse_model_args(["depth=2", "drop=0.1", "name=small", "flag=true", "dims=[1,2]"]) == {
         "depth": 2, "drop": 0.1, "name": "small", "flag": True, "dims": [1, 2]}
