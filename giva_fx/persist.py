@@ -30,10 +30,11 @@ import torch
 import torch.fx as fx
 
 from giva_fx.adapt import AdaptConfig, _train_fully, assemble
-from giva_fx.export._files import atomic_file
 from giva_fx.batches import as_batches
 from giva_fx.capture import capture
+from giva_fx.distributed import on_rank_zero
 from giva_fx.errors import AdapterFileError, ConfigError
+from giva_fx.export._files import atomic_file
 from giva_fx.fingerprint import differences, dtype_name, fingerprint, tensor_digest
 from giva_fx.model import GivaModel
 from giva_fx.passes.bases import INIT_MODES, Bases, op_seed, seeded_bases
@@ -74,7 +75,8 @@ def save_adapter(adapted: GivaModel, path: str | os.PathLike[str], *, compact: b
     """Write the adapters of `adapted` (and its ``train=`` parameters) to one .safetensors file.
 
     The write is atomic: a failure leaves any previous file at `path` as it was (missing parent
-    directories are created). The same adapted model always gives the same bytes.
+    directories are created). The same adapted model always gives the same bytes. Under
+    torch.distributed, rank 0 writes and every rank returns once the file is there (or raises).
 
     Args:
         adapted: what `adapt` or `load_adapter` returned, unmerged.
@@ -106,8 +108,12 @@ def save_adapter(adapted: GivaModel, path: str | os.PathLike[str], *, compact: b
             "fingerprint": fingerprint(gm, ops)}
     header = {META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))}
     payload = {k: tensors[k].detach().cpu().contiguous() for k in sorted(tensors)}
-    with atomic_file(path) as tmp:
-        safetensors.torch.save_file(payload, tmp, metadata=header)
+
+    def write() -> None:
+        with atomic_file(path) as tmp:
+            safetensors.torch.save_file(payload, tmp, metadata=header)
+
+    on_rank_zero(write, f"to write {path}")
     return path
 
 
