@@ -5,3 +5,4 @@ from giva_fx.export.ort_training import training_artifacts
 from giva_fx.export.trainer import Evaluation, OrtTrainer, load_ort_checkpoint
 
 __all__ = ["Evaluation", "OrtTrainer", "load_ort_checkpoint", "onnx", "training_artifacts"]
+from giva_fx.export.peft_lora import peft_lora  # noqa: E402
