@@ -66,9 +66,30 @@ def world() -> tuple[int, int] | None:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _flag_device(weight_device: torch.device) -> torch.device:
+def _flag_device() -> torch.device:
     """Where small control tensors live: NCCL takes only CUDA tensors."""
-    return weight_device if dist.get_backend() == "nccl" else torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def on_rank_zero(action: Callable[[], None], what: str) -> None:
+    """Run `action` once: in a single process, or on rank 0 of several, which then tells every rank
+    whether it succeeded, so no rank goes on to read, say, a file that was never written."""
+    here = world()
+    if here is None:
+        action()
+        return
+    failure: Exception | None = None
+    if here[0] == 0:
+        try:
+            action()
+        except Exception as exc:  # reraised below, after the other ranks have been told
+            failure = exc
+    ok = torch.tensor([failure is None], dtype=torch.int64, device=_flag_device())
+    dist.broadcast(ok, src=0)
+    if failure is not None:
+        raise failure
+    if not ok.item():
+        raise DistributedError(f"rank 0 failed {what}; see its error")
 
 
 def weights_checksum(tensors: Sequence[torch.Tensor]) -> int:
@@ -273,7 +294,7 @@ def synchronized(gm: fx.GraphModule, ops: Sequence[WeightOp], config: object, n_
         return
     rank, world_size = here
     device = gm.get_parameter(ops[0].weight_name).device if ops else torch.device("cpu")
-    flag_device = _flag_device(device)
+    flag_device = _flag_device()
     scale = _preflight(gm, ops, config, n_batches, rank, world_size, flag_device)
     sync = _GradientSync(ops, compute, scale, rank, world_size, device, flag_device)
     try:

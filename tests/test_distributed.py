@@ -14,6 +14,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from unittest import mock
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,16 @@ def _profile_and_train_job(rank: int, out: Path) -> dict[str, Any]:
     _train(ddp, list(vectors.values()), _bert_batch(rank, 0))
     safetensors.torch.save_file({n: p.detach() for n, p in vectors.items()}, str(out / f"trained{rank}.safetensors"))
 
+    with mock.patch.object(safetensors.torch, "save_file", wraps=safetensors.torch.save_file) as save_file:
+        giva_fx.save_adapter(adapted, out / "adapter.safetensors")
+    result["adapter_writes"] = save_file.call_count
+    loaded = giva_fx.load_adapter(model, out / "adapter.safetensors", _bert_batch(rank, 0))
+    result["loaded"] = [name for name, p in giva_fx.trainable_parameters(loaded).items()
+                        if torch.equal(p, vectors[name])] == list(vectors)
+    with torch.no_grad():
+        loaded.eval(), adapted.eval()
+        result["loaded_outputs"] = torch.equal(loaded(**_bert_batch(1, 1)).logits, adapted(**_bert_batch(1, 1)).logits)
+
     for case, call in {
         "seed": lambda: giva_fx.adapt(mlp, sample, rank=4, seed=rank, progress=False),
         "weights": lambda: giva_fx.adapt(_reseeded_mlp(rank), sample, rank=4, progress=False),
@@ -180,6 +191,12 @@ def _failure_job(rank: int, out: Path) -> dict[str, Any]:
         except Exception as exc:  # what each rank raises is the result
             result[scenario] = {"error": type(exc).__name__, "message": str(exc), "at": time.time()}
         if scenario == "raises":  # every rank stopped at the same collective: the group still works
+            try:  # a file stands where rank 0 must create the adapter's directory
+                giva_fx.save_adapter(giva_fx.adapt(model, sample, rank=4, progress=False),
+                                     out / "failed_at_raises" / "adapter.safetensors")
+                result["save"] = None
+            except Exception as exc:
+                result["save"] = f"{type(exc).__name__}: {exc}"
             total = torch.ones(1)
             dist.all_reduce(total)
             result["group_after_failure"] = total.item()
@@ -263,6 +280,13 @@ def test_ddp_training_matches_one_process_on_the_concatenated_batch(trained, sin
         torch.testing.assert_close(on_ranks[0][name], p.detach(), rtol=0, atol=1e-5, msg=name)
 
 
+def test_save_adapter_writes_once_and_every_rank_loads_what_training_left(trained):
+    results, out = trained
+    assert [r["adapter_writes"] for r in results] == [1] + [0] * (WORLD - 1)
+    assert (out / "adapter.safetensors").is_file()
+    assert all(r["loaded"] and r["loaded_outputs"] for r in results)
+
+
 def test_ranks_with_other_options_or_weights_refuse_to_profile(trained):
     results, _ = trained
     for result in results:
@@ -284,6 +308,12 @@ def test_a_rank_that_raises_stops_every_rank_with_its_error(failed):
     failed_at = float((out / "failed_at_raises").read_text())
     assert survivor["raises"]["at"] - failed_at < FAIL_WITHIN_S
     assert survivor["group_after_failure"] == failing["group_after_failure"] == WORLD
+
+
+def test_a_failed_adapter_write_on_rank_0_raises_on_every_rank(failed):
+    (rank0, rank1), _ = failed
+    assert rank0["save"].startswith(("FileExistsError", "NotADirectoryError"))
+    assert rank1["save"].startswith("DistributedError: rank 0 failed to write")
 
 
 def test_a_rank_that_dies_makes_the_others_raise_instead_of_hanging(failed):
