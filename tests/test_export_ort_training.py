@@ -15,7 +15,8 @@ from giva_fx.batches import as_batch
 from giva_fx.errors import ConfigError, ExportError
 from giva_fx.export import ort_training
 from giva_fx.loss import batch_loss
-from tests.models import VOCAB, bert, functional_mlp
+from tests.models import VOCAB, bert, functional_mlp, resized
+from tests.test_export_onnx import resnet
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -37,15 +38,6 @@ def _batches(case: str, n: int = 4) -> list:
         mask[0, 7:] = 0  # padding in one row exercises the attention mask
         out.append({"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (4,), generator=gen)})
     return out
-
-
-def resnet() -> tuple[torch.nn.Module, tuple]:
-    """A small timm ResNet: conv adapters, frozen batch norm, max pooling, strided downsampling."""
-    from timm.models.resnet import BasicBlock, ResNet
-
-    torch.manual_seed(0)
-    model = ResNet(BasicBlock, [1, 1, 1, 1], channels=(8, 16, 16, 32), stem_width=8, num_classes=5)
-    return model, _batches("resnet", 1)[0]
 
 
 # case -> (factory, adapt() keywords, loss)
@@ -160,7 +152,7 @@ def test_vectors_trained_in_ort_come_back_into_pytorch_and_merge(case, tmp_path)
     gx.load_ort_checkpoint(back, ckpt)
     for n, p in giva_fx.trainable_parameters(back).items():
         np.testing.assert_array_equal(p.detach().numpy(), trainer.state.parameters[n].data, err_msg=n)
-    held_out = batches[-1]
+    held_out = resized(batches[-1], batch=3, seq=7)  # other batch and sequence sizes than at export
     expected = trainer.evaluate(held_out)
     b = as_batch(held_out)
     with torch.no_grad():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+import operator
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ if TYPE_CHECKING:
 EXPORTER = MappingProxyType({"dynamo": False, "opset_version": 15, "do_constant_folding": False})
 MAX_IR_VERSION = 10  # the newest ONNX IR that onnxruntime(-training) 1.19 loads
 WRAPPER_ROOT = "graph"
-GUARDS = "_guards_fn"  # the submodule torch.export adds to check input shapes  # the exported module's attribute holding the graph: initializer names start with it
+GUARDS = "_guards_fn"  # the submodule torch.export adds to check input shapes
+STATIC_DIMS = "giva_static_dims"  # gm.meta key: (placeholder, dim) pairs whose size the graph bakes in  # the exported module's attribute holding the graph: initializer names start with it
 
 INSTALL_HINT = ("pip install onnxruntime-training==1.19.2 onnx==1.17.0 (onnxruntime-training provides the "
                 "`onnxruntime` module: do not install plain onnxruntime next to it)")
@@ -90,15 +92,87 @@ def eval_graph(adapted: GivaModel, batch: Batch, *, merged: bool) -> fx.GraphMod
                           "before merging, or call giva_fx.unmerge(adapted, model) first")
     source = adapted.graph_for(batch.args, batch.kwargs)
     gm = fx.GraphModule(source, copy.deepcopy(source.graph))
-    for node in list(gm.graph.nodes):  # torch.export's input-shape checks cannot run on traced sizes
+    for node in list(gm.graph.nodes):  # torch.export's input-shape checks; they cannot take traced sizes
         if node.op == "call_module" and node.target == GUARDS and not node.users:
             gm.graph.erase_node(node)
+    gm.meta[STATIC_DIMS] = _traced_sizes(gm)
     gm.delete_all_unused_submodules()
     gm.recompile()
     set_training(gm, False)
     if merged:
         _fold_adapters(gm)
     return gm
+
+
+def _slice(x: torch.Tensor, dim: int = 0, start: Any = None, end: Any = None, step: int = 1) -> torch.Tensor:
+    return x[(slice(None),) * (dim % x.dim()) + (slice(start, end, step),)]
+
+
+def _arange(*args: Any, dtype: Any = None, layout: Any = None, device: Any = None,
+            pin_memory: Any = None) -> torch.Tensor:
+    return torch.arange(*args, dtype=dtype, device=device)
+
+
+aten = torch.ops.aten
+# ops that read sizes -> their Python forms, which accept the 0-dim tensors the tracer returns for sizes
+_SIZE_READERS: MappingProxyType = MappingProxyType({
+    aten.view.default: lambda x, size: x.view(size),
+    aten.reshape.default: lambda x, size: x.reshape(size),
+    aten._unsafe_view.default: lambda x, size: x.reshape(size),
+    aten.expand.default: lambda x, size, implicit=False: x.expand(size),
+    aten.arange.default: _arange,
+    aten.arange.start: _arange,
+    aten.arange.start_step: _arange,
+    aten.slice.Tensor: _slice,
+})
+_SIZE_ARITHMETIC = frozenset({operator.add, operator.sub, operator.mul, operator.floordiv, operator.neg})
+
+
+def _traced_sizes(gm: fx.GraphModule) -> set[tuple[str, int]]:
+    """Make input sizes graph values in the exported model, not the sample's numbers.
+
+    `aten.sym_size(x, d)` runs as a Python int, which the TorchScript tracer bakes in; `x.size(d)` is
+    recorded instead (the tracer returns a 0-dim tensor), and the ops reading it get Python forms that
+    take such tensors. A size that reaches any other op stays the sample's: its (placeholder, dim) is
+    returned, and that axis is exported static rather than wrong at other sizes.
+    """
+    roots: dict[fx.Node, set[fx.Node]] = {}  # size value -> the sym_size nodes it derives from
+    readers: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        sizes = [a for a in node.all_input_nodes if a in roots]
+        if node.target == aten.sym_size.int:
+            roots[node] = {node}
+        elif sizes and node.target in _SIZE_ARITHMETIC:
+            roots[node] = set().union(*(roots[a] for a in sizes))
+        elif sizes:
+            readers.append(node)
+    static: set[fx.Node] = set()
+    for node in readers:
+        if node.target not in _SIZE_READERS and not _takes_tensors_at(node, roots):
+            static |= set().union(*(roots[a] for a in node.all_input_nodes if a in roots))
+    for node in readers:
+        if node.target in _SIZE_READERS and not any(roots[a] & static for a in node.all_input_nodes if a in roots):
+            node.target = _SIZE_READERS[node.target]
+    for node in [n for n in roots if n.target == aten.sym_size.int and n not in static]:
+        with gm.graph.inserting_before(node):
+            node.replace_all_uses_with(gm.graph.call_method("size", node.args))
+        gm.graph.erase_node(node)
+    return {(n.args[0].name, n.args[1]) for n in static}
+
+
+def _takes_tensors_at(node: fx.Node, sizes: dict[fx.Node, set[fx.Node]]) -> bool:
+    """Whether every argument of `node` that holds a size value is a Tensor argument of its schema."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return False
+    for arg, value in zip(schema.arguments, node.args):
+        if value in sizes and str(arg.type) != "Tensor":
+            return False
+        if isinstance(value, (list, tuple)) and any(v in sizes for v in value if isinstance(v, fx.Node)):
+            return False
+    return all(v not in sizes for v in node.kwargs.values() if isinstance(v, fx.Node))
 
 
 def _fold_adapters(gm: fx.GraphModule) -> None:
@@ -204,6 +278,7 @@ def dynamic_axes(gm: fx.GraphModule, sample: Batch, slots: Sequence[Slot]) -> di
     captured graph keeps them symbolic. Every other dim keeps the sample's size: ONNX Runtime's pooling
     gradients need static spatial sizes, and a model rarely takes others."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    static = gm.meta.get(STATIC_DIMS, set())
     by_key = {slot.key: slot for slot in slots}
     args = tuple(by_key.get(i, "") for i in range(len(sample.args)))  # "" (a pytree leaf): not fed
     kwargs = {k: by_key.get(k, "") for k in sample.kwargs}
@@ -218,7 +293,7 @@ def dynamic_axes(gm: fx.GraphModule, sample: Batch, slots: Sequence[Slot]) -> di
         integer = not slot.dtype.startswith(("float", "bfloat", "complex"))
         names = ("batch", "sequence") if integer else ("batch",)
         axes[slot.name] = {d: names[d] for d in range(min(len(names), val.dim()))
-                           if isinstance(val.shape[d], torch.SymInt)}
+                           if isinstance(val.shape[d], torch.SymInt) and (node.name, d) not in static}
     return axes
 
 

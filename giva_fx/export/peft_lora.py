@@ -105,8 +105,8 @@ def peft_lora(adapted: GivaModel, model: nn.Module, out_dir: str | os.PathLike[s
         ranks[owner] = adapter.rank
         fan_in_fan_out |= op.layout == "in_out"
     if not ranks:
-        raise ExportError(f"PEFT LoRA can express none of the adapted ops: "
-                          f"{[(s.weight_name, s.reason) for s in left_out]}")
+        raise ExportError("PEFT LoRA can express none of the adapted ops: "
+                          + "; ".join(f"{s.weight_name} ({s.reason})" for s in left_out))
     to_save = _modules_to_save(adapted, model, ranks, tensors, left_out)
     left_out += _trained_buffers(adapted, model)
     r = Counter(ranks.values()).most_common(1)[0][0]
