@@ -12,7 +12,7 @@ from torch import nn
 import giva_fx
 from giva_fx.errors import ExportError
 from giva_fx.export.peft_lora import peft_lora
-from tests.models import bert, gpt2
+from tests.models import bert, functional_mlp, gpt2
 from tests.test_persist import outputs, trained
 
 peft = pytest.importorskip("peft")
@@ -131,5 +131,13 @@ def test_merged_adapters_are_refused(tmp_path):
     adapted = trained(model, sample, steps=1)
     giva_fx.merge(adapted, model)
     with pytest.raises(ExportError, match="merged into the model.*unmerge"):
+        peft_lora(adapted, model, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+
+
+def test_a_model_peft_cannot_express_at_all_is_refused(tmp_path):
+    model, sample = functional_mlp()  # F.linear on bare parameters: no module for PEFT to attach to
+    adapted = trained(model, sample, steps=1)
+    with pytest.raises(ExportError, match=r"can express none of the adapted ops: w1 \(a bare parameter"):
         peft_lora(adapted, model, tmp_path / "lora")
     assert not (tmp_path / "lora").exists()

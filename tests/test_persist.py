@@ -282,7 +282,7 @@ def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]  # no temporary left behind
 
 
-def test_merged_adapters_are_not_saved(tmp_path):
+def test_merged_adapters_non_models_and_directories_are_not_saved(tmp_path):
     model, sample = functional_mlp()
     adapted = trained(model, sample, steps=1)
     giva_fx.merge(adapted, model)
@@ -291,3 +291,6 @@ def test_merged_adapters_are_not_saved(tmp_path):
     assert not (tmp_path / "a.safetensors").exists()
     with pytest.raises(AdapterFileError, match="takes the GivaModel"):
         giva_fx.save_adapter(model, tmp_path / "a.safetensors")
+    giva_fx.unmerge(adapted, model)
+    with pytest.raises(AdapterFileError, match="it is a directory; give a file path"):
+        giva_fx.save_adapter(adapted, tmp_path)
