@@ -131,7 +131,8 @@ def main() -> None:
             out.mkdir()
             r = measure(name, model, batch, args.rank, out)
             rows.append(r)
-            print(f"{name} {r['dtype']}: GiVA {r['compact']:,} B, PEFT LoRA {r['peft']:,} B, reload exact {r['exact']}, "
+            print(f"{name} {r['dtype']}: GiVA {r['compact']:,} B, PEFT LoRA {r['peft']:,} B, "
+                  f"reload exact {r['exact']}, "
                   f"adapt {r['adapt_s']:.1f} s, save {r['save_s']:.2f} s, load {r['load_s']:.1f} s", flush=True)
     timing = "; ".join(f"{r['name']} {r['dtype']}: adapt {r['adapt_s']:.1f} s, save {r['save_s']:.2f} s, "
                        f"load {r['load_s']:.1f} s" for r in rows)
@@ -141,7 +142,8 @@ def main() -> None:
         f"`OMP_NUM_THREADS=1 python bench/adapter_size.py --rank {args.rank}"
         f"{' --no-bert-base' if args.no_bert_base else ''}`",
         f"(torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-        f"{platform.machine()}, {torch.get_num_threads()} thread(s); random weights, default targets, rank {args.rank}, "
+        f"{platform.machine()}, {torch.get_num_threads()} thread(s); random weights, default targets, "
+        f"rank {args.rank}, "
         "one tiny profiling batch).",
         "",
         table(rows),
