@@ -12,7 +12,8 @@ to turn the averaged gradients into bases are compared:
 
 Reported per configuration: the wall time of adapt() (the slowest rank, best of `--repeats`),
 adapt()'s own breakdown (capture, profile incl. collectives, bases = the SVDs this rank ran), the
-time spent inside collectives, and the peak bytes of gradients held back for the fixed order.
+time spent inside collectives (waiting for the other rank included), and the peak bytes of
+gradients the sink held (the one being reduced included; more means gradients arrived out of order).
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 When a process group of several ranks is initialised, `adapt()` profiles through `synchronized`:
 
 1. **Preflight.** One all-gather compares, across ranks, the adapted ops, the options (rank, init,
-   seed, ...) and an exact checksum of the adapted weights, and sums the local batch counts. Ranks
-   that would compute different bases stop at once with a `ConfigError` on every rank.
+   seed, ...) and an exact checksum of the model's weights and buffers, and sums the local batch
+   counts. Ranks that would compute different bases stop at once with a `ConfigError` on every
+   rank (the loss function cannot be compared: pass the same one everywhere).
 2. **Gradients, in one fixed order.** The profile pass hands over each weight's gradient during the
    last backward (in backward order) or, for a weight the loss does not reach, as None after it.
    Gradients wait in a buffer until their turn in a fixed order (reverse graph order, which is
@@ -29,7 +30,13 @@ preflight until the process group's timeout (`init_process_group(timeout=...)`).
 
 Memory: like the single-process pass (about one extra gradient), plus the gradients that arrive
 out of the fixed order, plus a float32 copy of the gradient being reduced when the weight is not
-float32.
+float32. On BERT-base the sink never held more than the one gradient it was reducing.
+
+Training: wrap the adapted model in `DistributedDataParallel` as it is. Only parameters that
+require grad enter DDP's reducer, so its buckets hold the adapter vectors (and `train=`
+parameters) alone. DDP's constructor still broadcasts every parameter and buffer from rank 0 once
+(frozen weights too, into the storage they share with the user's model; identical on every rank
+after the preflight, so nothing changes). `save_adapter` writes on rank 0 only (`on_rank_zero`).
 """
 from __future__ import annotations
 
@@ -56,7 +63,7 @@ _MESSAGE_BYTES = 2048  # room for each rank's failure message
 
 
 class DistributedError(GivaError, RuntimeError):
-    """Another rank failed, or a collective broke, while profiling gradients."""
+    """Another rank failed, or a collective broke, so this rank cannot go on either."""
 
 
 def world() -> tuple[int, int] | None:
@@ -259,11 +266,11 @@ class _GradientSync:
 
 def _preflight(gm: fx.GraphModule, ops: Sequence[WeightOp], config: object, n_batches: int,
                rank: int, world_size: int, device: torch.device) -> float:
-    """Check that every rank adapts the same ops of the same weights with the same options;
+    """Check that every rank adapts the same ops of the same model with the same options;
     return this rank's weight in the global average (its share of all batches)."""
     described = json.dumps([repr(config), [(op.weight_name, op.kind, op.layout, list(op.weight_shape))
                                            for op in ops]])
-    checksum = weights_checksum([gm.get_parameter(op.weight_name) for op in ops])
+    checksum = weights_checksum([*gm.parameters(), *gm.buffers()])
     mine = torch.tensor([zlib.crc32(described.encode()), checksum, n_batches], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(gathered, mine)
@@ -276,8 +283,8 @@ def _preflight(gm: fx.GraphModule, ops: Sequence[WeightOp], config: object, n_ba
             )
         if weights != rows[0][1]:
             raise ConfigError(
-                f"the weights to adapt differ between rank {r} and rank 0; every rank must start from the "
-                "same weights (load the same checkpoint, or seed before building a model)"
+                f"the model's weights or buffers differ between rank {r} and rank 0; every rank must start "
+                "from the same weights (load the same checkpoint, or seed before building a model)"
             )
     return n_batches / sum(row[2] for row in rows)
 
@@ -303,5 +310,5 @@ def synchronized(gm: fx.GraphModule, ops: Sequence[WeightOp], config: object, n_
     except Exception as exc:
         sync.abandon(exc)
         raise
-    log.debug("rank %d: %d ops, %.3f s in collectives, peak out-of-order buffer %.1f MB", rank, len(ops),
+    log.debug("rank %d: %d ops, %.3f s in collectives, peak gradients held %.1f MB", rank, len(ops),
               sync.comm_s, sync.peak_pending_bytes / 2**20)

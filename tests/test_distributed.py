@@ -100,6 +100,11 @@ def _bert_batch(rank: int, j: int, size: int = 4, seq: int = 10) -> dict[str, to
             "labels": torch.randint(0, 3, (size,), generator=gen)}
 
 
+def _mlp_batch(rank: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(2000 + 100 * rank + j)
+    return torch.randn(8, 12, generator=gen), torch.randint(0, 5, (8,), generator=gen)
+
+
 def _concatenated(j: int) -> dict[str, torch.Tensor]:
     """The global batch j: every rank's batch j, concatenated in rank order."""
     parts = [_bert_batch(rank, j) for rank in range(WORLD)]
@@ -129,6 +134,9 @@ def _profile_and_train_job(rank: int, out: Path) -> dict[str, Any]:
     mlp, sample = CASES["functional_mlp"]()
     random_init = giva_fx.adapt(mlp, sample, rank=4, init="random", progress=False)
     safetensors.torch.save_file(_bases(random_init), str(out / f"random{rank}.safetensors"))
+
+    uneven = giva_fx.adapt(mlp, [_mlp_batch(rank, j) for j in range(rank + 1)], rank=4, progress=False)
+    safetensors.torch.save_file(_bases(uneven), str(out / f"uneven{rank}.safetensors"))
 
     model, _ = CASES["bert"]()
     adapted = giva_fx.adapt(model, [_bert_batch(rank, 0), _bert_batch(rank, 1)], rank=4, progress=False)
@@ -216,7 +224,7 @@ def _load(out: Path, stem: str, rank: int) -> dict[str, torch.Tensor]:
     return safetensors.torch.load_file(str(out / f"{stem}{rank}.safetensors"))
 
 
-@pytest.mark.parametrize("stem", ["bases", "random"])
+@pytest.mark.parametrize("stem", ["bases", "random", "uneven"])
 def test_every_rank_ends_with_bit_identical_bases(trained, stem):
     _, out = trained
     first = _load(out, stem, 0)
@@ -234,9 +242,7 @@ def single() -> giva_fx.GivaModel:
     return giva_fx.adapt(model, [_concatenated(0), _concatenated(1)], rank=4, progress=False)
 
 
-def test_bases_equal_those_of_one_process_on_the_concatenated_batches(trained, single):
-    _, out = trained
-    ranks, ours = _load(out, "bases", 0), _bases(single)
+def _assert_same_bases(ranks: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> None:
     assert ranks.keys() == ours.keys()
     for name, value in ours.items():
         if name.endswith(".B"):  # Vr: B comes from the per-op seed alone
@@ -244,6 +250,18 @@ def test_bases_equal_those_of_one_process_on_the_concatenated_batches(trained, s
         else:  # A: singular vectors of the same gradient summed in another order, each defined up to sign
             sign = torch.sign((ranks[name] * value).sum(1, keepdim=True))
             torch.testing.assert_close(ranks[name] * sign, value, rtol=0, atol=1e-5, msg=name)
+
+
+def test_bases_equal_those_of_one_process_on_the_concatenated_batches(trained, single):
+    _, out = trained
+    _assert_same_bases(_load(out, "bases", 0), _bases(single))
+
+
+def test_ranks_with_unequal_batch_counts_average_over_all_batches(trained):
+    _, out = trained
+    mlp, _ = CASES["functional_mlp"]()
+    everything = [_mlp_batch(rank, j) for rank in range(WORLD) for j in range(rank + 1)]
+    _assert_same_bases(_load(out, "uneven", 0), _bases(giva_fx.adapt(mlp, everything, rank=4, progress=False)))
 
 
 def test_random_bases_do_not_depend_on_the_process(trained):
@@ -291,7 +309,7 @@ def test_ranks_with_other_options_or_weights_refuse_to_profile(trained):
     results, _ = trained
     for result in results:
         assert "uses other options" in result["seed"] and "seed" in result["seed"]
-        assert "weights to adapt differ between rank 1 and rank 0" in result["weights"]
+        assert "weights or buffers differ between rank 1 and rank 0" in result["weights"]
 
 
 @pytest.fixture(scope="module")
