@@ -7,6 +7,7 @@ switching it to eval form or folding dW into its weights never touches the adapt
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 import operator
 import warnings
@@ -38,9 +39,10 @@ if TYPE_CHECKING:
 # training=TRAINING keeps equal-valued lambdas as separate initializers instead of merging them.
 EXPORTER = MappingProxyType({"dynamo": False, "opset_version": 15, "do_constant_folding": False})
 MAX_IR_VERSION = 10  # the newest ONNX IR that onnxruntime(-training) 1.19 loads
-WRAPPER_ROOT = "graph"
+WRAPPER_ROOT = "graph"  # the exported module's attribute holding the graph: initializer names start with it
 GUARDS = "_guards_fn"  # the submodule torch.export adds to check input shapes
-STATIC_DIMS = "giva_static_dims"  # gm.meta key: (placeholder, dim) pairs whose size the graph bakes in  # the exported module's attribute holding the graph: initializer names start with it
+STATIC_DIMS = "giva_static_dims"  # gm.meta key: (placeholder, dim) pairs whose size the graph bakes in
+aten = torch.ops.aten
 
 INSTALL_HINT = ("pip install onnxruntime-training==1.19.2 onnx==1.17.0 (onnxruntime-training provides the "
                 "`onnxruntime` module: do not install plain onnxruntime next to it)")
@@ -48,8 +50,6 @@ INSTALL_HINT = ("pip install onnxruntime-training==1.19.2 onnx==1.17.0 (onnxrunt
 
 def require(module: str) -> Any:
     """Import an optional dependency, or say what to install."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as exc:
@@ -113,7 +113,6 @@ def _arange(*args: Any, dtype: Any = None, layout: Any = None, device: Any = Non
     return torch.arange(*args, dtype=dtype, device=device)
 
 
-aten = torch.ops.aten
 # ops that read sizes -> their Python forms, which accept the 0-dim tensors the tracer returns for sizes
 _SIZE_READERS: MappingProxyType = MappingProxyType({
     aten.view.default: lambda x, size: x.view(size),
@@ -213,16 +212,15 @@ def frozen_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
     return x * scale.reshape(shape) + shift.reshape(shape)
 
 
-def freeze_batch_norm(gm: fx.GraphModule) -> int:
-    """Write eval-form batch norms as plain arithmetic; returns how many.
+def freeze_batch_norm(gm: fx.GraphModule) -> None:
+    """Write eval-form batch norms as plain arithmetic.
 
     ONNX Runtime's training graph turns every BatchNormalization into its training form (batch
     statistics), whatever its training_mode says; as Mul/Add it keeps using the running statistics,
     as the PyTorch model in eval mode does, and the statistics stay frozen.
     """
-    count = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target != torch.ops.aten.batch_norm.default:
+        if node.op != "call_function" or node.target != aten.batch_norm.default:
             continue
         x, weight, bias, mean, var, training, _momentum, eps = node.args[:8]
         if training:
@@ -231,11 +229,8 @@ def freeze_batch_norm(gm: fx.GraphModule) -> int:
             frozen = gm.graph.call_function(frozen_batch_norm, (x, weight, bias, mean, var, eps))
         node.replace_all_uses_with(frozen)
         gm.graph.erase_node(node)
-        count += 1
-    if count:
-        gm.graph.lint()
-        gm.recompile()
-    return count
+    gm.graph.lint()
+    gm.recompile()
 
 
 class FlatModel(nn.Module):
@@ -266,6 +261,7 @@ def flat_logits_output(out: Any) -> torch.Tensor:
 
 
 def loss_output(out: Any) -> torch.Tensor:
+    """The model's own loss (HF models given labels)."""
     loss = own_loss(out)
     if loss is None:
         raise ExportError("loss='model' needs a model that returns its own loss (e.g. an HF model given labels "

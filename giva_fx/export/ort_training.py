@@ -110,8 +110,9 @@ def training_artifacts(
         out_dir: the artifact directory.
         loss: "cross_entropy" (logits over their last dim vs integer targets, as `giva_fx.loss`
             does), "mse" (logits vs float targets), or "model" (the model's own loss output, e.g. an
-            HF model given `labels`). Built-in losses take the target from `(inputs, target)`
-            batches or a `labels` entry of dict batches.
+            HF model given `labels`; the one for causal LMs, whose loss shifts the labels).
+            Built-in losses take the target from `(inputs, target)` batches or a `labels` entry
+            of dict batches.
         optimizer: "adamw" (torch.optim.AdamW's update rule) or "sgd" (plain, no momentum or decay).
         betas, eps, weight_decay: AdamW settings; the defaults are torch.optim.AdamW's (onnxblock's
             own defaults differ: eps 1e-6, weight_decay 0).
@@ -121,6 +122,7 @@ def training_artifacts(
         raise ConfigError(f"unknown loss {loss!r}; choose from {list(LOSSES)}")
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {optimizer!r}; choose from {list(OPTIMIZERS)}")
+    require("onnxruntime.training.artifacts")  # before any work
     batch = as_batch(sample)
     trainable = {n: tuple(p.shape) for n, p in trainable_parameters(adapted).items()}
     if not trainable:
@@ -132,19 +134,19 @@ def training_artifacts(
         slots = input_slots(batch, skip=("labels",))
         target = Slot("labels", "target", "int64") if loss == "cross_entropy" else Slot("target", "target", "float32")
         outputs, names = ((flat_logits_output if loss == "cross_entropy" else logits_of),), ("logits",)
-    gm = eval_graph(adapted, batch, merged=False)
-    freeze_batch_norm(gm)
-    model = export_onnx(FlatModel(gm, batch, slots, outputs), adapted, batch, slots, names)
-    check_vectors(model, trainable)
-    # static shapes through the adapters' shape arithmetic: ORT's pooling gradients read them
-    model = require("onnx").shape_inference.infer_shapes(model, data_prop=True)
-    frozen = [i.name for i in model.graph.initializer if i.name not in trainable]
     info = ArtifactsInfo(slots, target, loss, trainable,
                          {"name": optimizer, **({"betas": list(betas), "eps": eps, "weight_decay": weight_decay,
                                                  "rule": "torch.optim.AdamW"} if optimizer == "adamw" else {})},
                          {"exporter": "torch.onnx TorchScript", "opset": EXPORTER["opset_version"],
                           "max_ir_version": MAX_IR_VERSION})
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:  # refuses an existing out_dir before any work
+        gm = eval_graph(adapted, batch, merged=False)
+        freeze_batch_norm(gm)
+        model = export_onnx(FlatModel(gm, batch, slots, outputs), adapted, batch, slots, names)
+        check_vectors(model, trainable)
+        # static shapes through the adapters' shape arithmetic: ORT's pooling gradients read them
+        model = require("onnx").shape_inference.infer_shapes(model, data_prop=True)
+        frozen = [i.name for i in model.graph.initializer if i.name not in trainable]
         _generate(model, trainable, frozen, loss, optimizer, betas, eps, weight_decay, tmp)
         _pin_versions(tmp, adamw=optimizer == "adamw")
         (tmp / INFO).write_text(info.to_json())

@@ -22,7 +22,7 @@ import torch
 from giva_fx.batches import Batch, as_batch
 from giva_fx.errors import ConfigError, ExportError
 from giva_fx.export._files import atomic_file
-from giva_fx.export._graph import require
+from giva_fx.export._graph import MAX_IR_VERSION, require
 from giva_fx.export.ort_training import (CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, ArtifactsInfo,
                                          native_output_to_error)
 from giva_fx.model import GivaModel
@@ -51,22 +51,26 @@ class OrtTrainer:
             onnxruntime-training 1.19.2's Python LinearLRScheduler swaps its two step counts).
         checkpoint: start from this checkpoint (one `save` wrote) instead of `out_dir`'s initial one.
         device: ONNX Runtime device, e.g. "cpu" or "cuda".
+        threads: ONNX Runtime's intra-op threads (default: its own choice, one per physical core).
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, lr: float = 1e-3, warmup_steps: int = 0,
                  total_steps: int | None = None, checkpoint: str | os.PathLike | None = None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", threads: int | None = None) -> None:
         if total_steps is None and warmup_steps:
             raise ConfigError("warmup_steps needs total_steps (the step at which the rate reaches 0)")
         if total_steps is not None and not 0 <= warmup_steps < total_steps:
             raise ConfigError(f"need 0 <= warmup_steps < total_steps, got {warmup_steps} and {total_steps}")
-        api = require("onnxruntime.training.api")
+        api, ort = require("onnxruntime.training.api"), require("onnxruntime")
         self.out_dir = Path(out_dir)
         self.info = ArtifactsInfo.read(self.out_dir)
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
         with native_output_to_error(f"onnxruntime could not load the artifacts in {self.out_dir}"):
             self.state = api.CheckpointState.load_checkpoint(Path(checkpoint or self.out_dir / CHECKPOINT))
             self.module = api.Module(self.out_dir / TRAINING_MODEL, self.state, self.out_dir / EVAL_MODEL,
-                                     device=device)
+                                     device=device, session_options=options)
             self.optimizer = api.Optimizer(self.out_dir / OPTIMIZER_MODEL, self.module)
         self.base_lr, self.warmup_steps, self.total_steps = lr, warmup_steps, total_steps
         props = self.state.properties
@@ -126,7 +130,7 @@ class OrtTrainer:
         with atomic_file(path) as tmp:
             self.module.export_model_for_inferencing(tmp, ["logits"])
             model = onnx_lib.load(tmp)
-            model.ir_version = min(model.ir_version, 10)
+            model.ir_version = min(model.ir_version, MAX_IR_VERSION)
             onnx_lib.save(model, tmp)
         return Path(path)
 
