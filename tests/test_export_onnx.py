@@ -11,7 +11,7 @@ import torch
 import giva_fx
 import giva_fx.export as gx
 from giva_fx.errors import ExportError
-from tests.models import bert, call, functional_mlp, logits, resized, vit
+from tests.models import bert, call, functional_mlp, gpt2, logits, resized, vit
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -26,7 +26,7 @@ def resnet() -> tuple[torch.nn.Module, tuple]:
     return model, (torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 5, (4,), generator=gen))
 
 
-CASES = {"mlp": functional_mlp, "bert": bert, "vit": vit, "resnet": resnet}
+CASES = {"mlp": functional_mlp, "bert": bert, "gpt2": gpt2, "vit": vit, "resnet": resnet}
 
 
 def _feeds(session, sample) -> dict[str, np.ndarray]:
@@ -147,8 +147,9 @@ def test_inputs_are_named_with_dynamic_batch_and_sequence_and_labels_are_left_ou
     name, _, sample, _, merged, _ = case
     graph = onnx.load(merged).graph
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
-    if name == "bert":  # the sample has labels: they feed the model's loss, which inference does not compute
-        assert dims == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
+    if isinstance(sample, dict):  # its labels feed the model's loss, which inference does not compute
+        assert "labels" in sample
+        assert dims == {k: ["batch", "sequence"] for k in sample if k != "labels"}
         assert not any(n.op_type.startswith("SoftmaxCrossEntropy") for n in graph.node)
     else:
         assert dims == {"input": ["batch", *sample[0].shape[1:]]}

@@ -95,6 +95,8 @@ def eval_graph(adapted: GivaModel, batch: Batch, *, merged: bool) -> fx.GraphMod
     for node in list(gm.graph.nodes):  # torch.export's input-shape checks; they cannot take traced sizes
         if node.op == "call_module" and node.target == GUARDS and not node.users:
             gm.graph.erase_node(node)
+        elif node.op == "call_function" and node.target in _ONNX_FORMS:
+            node.target = _ONNX_FORMS[node.target]
     gm.meta[STATIC_DIMS] = _traced_sizes(gm)
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -124,6 +126,27 @@ _SIZE_READERS: MappingProxyType = MappingProxyType({
     aten.arange.start_step: _arange,
     aten.slice.Tensor: _slice,
 })
+
+
+def _diff(x: torch.Tensor, n: int = 1, dim: int = -1, prepend: torch.Tensor | None = None,
+          append: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.diff by slicing: the TorchScript exporter has no aten::diff (HF attention masks use it)."""
+    parts = [t for t in (prepend, x, append) if t is not None]
+    x = torch.cat(parts, dim) if len(parts) > 1 else x
+    lead = (slice(None),) * (dim % x.dim())
+    for _ in range(n):
+        x = x[lead + (slice(1, None),)] - x[lead + (slice(None, -1),)]
+    return x
+
+
+def _cumsum(x: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch.cumsum with bool inputs counted as int64 (as torch does): the exporter emits CumSum on bool,
+    which ONNX does not define."""
+    return torch.cumsum(x.long() if x.dtype == torch.bool else x, dim, dtype=dtype)
+
+
+# ops the TorchScript exporter cannot export (or exports wrongly) -> Python forms it exports right
+_ONNX_FORMS: MappingProxyType = MappingProxyType({aten.diff.default: _diff, aten.cumsum.default: _cumsum})
 _SIZE_ARITHMETIC = frozenset({operator.add, operator.sub, operator.mul, operator.floordiv, operator.neg})
 
 
