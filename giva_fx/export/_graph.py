@@ -235,23 +235,40 @@ def frozen_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
     return x * scale.reshape(shape) + shift.reshape(shape)
 
 
-def freeze_batch_norm(gm: fx.GraphModule) -> None:
-    """Write eval-form batch norms as plain arithmetic.
+def _hardsigmoid(x: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(x / 6 + 0.5, 0.0, 1.0)
 
-    ONNX Runtime's training graph turns every BatchNormalization into its training form (batch
-    statistics), whatever its training_mode says; as Mul/Add it keeps using the running statistics,
-    as the PyTorch model in eval mode does, and the statistics stay frozen.
+
+def _hardswish(x: torch.Tensor) -> torch.Tensor:
+    return x * _hardsigmoid(x)
+
+
+# ops whose ONNX forms ONNX Runtime 1.19 cannot differentiate -> forms of plain arithmetic it can
+_DIFFERENTIABLE_FORMS: MappingProxyType = MappingProxyType({
+    aten.hardswish.default: _hardswish, aten.hardswish_.default: _hardswish,
+    aten.hardsigmoid.default: _hardsigmoid, aten.hardsigmoid_.default: _hardsigmoid,
+})
+
+
+def for_training(gm: fx.GraphModule) -> None:
+    """Rewrite what ONNX Runtime's training graph gets wrong or cannot differentiate.
+
+    Eval-form batch norm becomes a per-channel scale and shift: ORT's training graph turns every
+    BatchNormalization into its training form (batch statistics) whatever its training_mode says; as
+    Mul/Add it uses the running statistics, as the PyTorch model in eval mode does, and they stay
+    frozen. HardSwish / HardSigmoid (MobileNetV3) have no gradient in ORT 1.19: they become clamps.
     """
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target != aten.batch_norm.default:
+        if node.op != "call_function":
             continue
-        x, weight, bias, mean, var, training, _momentum, eps = node.args[:8]
-        if training:
-            continue
-        with gm.graph.inserting_before(node):
-            frozen = gm.graph.call_function(frozen_batch_norm, (x, weight, bias, mean, var, eps))
-        node.replace_all_uses_with(frozen)
-        gm.graph.erase_node(node)
+        if node.target in _DIFFERENTIABLE_FORMS:
+            node.target = _DIFFERENTIABLE_FORMS[node.target]
+        elif node.target == aten.batch_norm.default and not node.args[5]:
+            x, weight, bias, mean, var, _training, _momentum, eps = node.args[:8]
+            with gm.graph.inserting_before(node):
+                frozen = gm.graph.call_function(frozen_batch_norm, (x, weight, bias, mean, var, eps))
+            node.replace_all_uses_with(frozen)
+            gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
 

@@ -32,7 +32,7 @@ from giva_fx.batches import Batch, as_batch
 from giva_fx.errors import ConfigError, ExportError
 from giva_fx.export._files import atomic_dir
 from giva_fx.export._graph import (EXPORTER, MAX_IR_VERSION, FlatModel, Slot, check_vectors, eval_graph,
-                                   export_onnx, flat_logits_output, freeze_batch_norm, input_slots, loss_output,
+                                   export_onnx, flat_logits_output, for_training, input_slots, loss_output,
                                    require)
 from giva_fx.loss import logits_of
 from giva_fx.model import GivaModel
@@ -141,7 +141,7 @@ def training_artifacts(
                           "max_ir_version": MAX_IR_VERSION})
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:  # refuses an existing out_dir before any work
         gm = eval_graph(adapted, batch, merged=False)
-        freeze_batch_norm(gm)
+        for_training(gm)
         model = export_onnx(FlatModel(gm, batch, slots, outputs), adapted, batch, slots, names)
         check_vectors(model, trainable)
         # static shapes through the adapters' shape arithmetic: ORT's pooling gradients read them
