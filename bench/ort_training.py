@@ -195,9 +195,10 @@ def main() -> None:
                               f"{artifacts / sizes['base_mb']:.2f}", f"{sizes['merged_onnx_mb']:.1f}",
                               f"{sizes['export_s']:.1f}"])
     end_load = os.getloadavg()
-    configs = ("bert-small: BERT 4 x 256 (vocab 30522), batch 8 x 128 tokens, its own loss; vit-tiny: timm "
-               "vit_tiny_patch16_224, batch 8 x 224 px; resnet18: timm resnet18, batch 8 x 128 px; both "
-               "cross-entropy, 10 classes" if not args.quick else "quick: small configurations (see sample_of, model_of)")
+    configs = "quick: small configurations (see sample_of, model_of)" if args.quick else (
+        "bert-small: BERT 4 x 256 (vocab 30522), batch 8 x 128 tokens, its own loss; vit-tiny: timm "
+        "vit_tiny_patch16_224, batch 8 x 224 px; resnet18: timm resnet18, batch 8 x 128 px; both cross-entropy, "
+        "10 classes")
     text = "\n".join([
         header("OrtTrainer vs PyTorch: one training step of the adapter vectors", command, load, 1),
         f"- load average at end: {', '.join(f'{x:.2f}' for x in end_load)} (2 cores shared with other jobs: "

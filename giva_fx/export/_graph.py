@@ -115,12 +115,24 @@ def _arange(*args: Any, dtype: Any = None, layout: Any = None, device: Any = Non
     return torch.arange(*args, dtype=dtype, device=device)
 
 
+def _view(x: torch.Tensor, size: Sequence[Any]) -> torch.Tensor:
+    return x.view(size)
+
+
+def _reshape(x: torch.Tensor, size: Sequence[Any]) -> torch.Tensor:
+    return x.reshape(size)
+
+
+def _expand(x: torch.Tensor, size: Sequence[Any], implicit: bool = False) -> torch.Tensor:
+    return x.expand(size)
+
+
 # ops that read sizes -> their Python forms, which accept the 0-dim tensors the tracer returns for sizes
 _SIZE_READERS: MappingProxyType = MappingProxyType({
-    aten.view.default: lambda x, size: x.view(size),
-    aten.reshape.default: lambda x, size: x.reshape(size),
-    aten._unsafe_view.default: lambda x, size: x.reshape(size),
-    aten.expand.default: lambda x, size, implicit=False: x.expand(size),
+    aten.view.default: _view,
+    aten.reshape.default: _reshape,
+    aten._unsafe_view.default: _reshape,
+    aten.expand.default: _expand,
     aten.arange.default: _arange,
     aten.arange.start: _arange,
     aten.arange.start_step: _arange,

@@ -11,7 +11,10 @@ trainable and every other initializer frozen. The out_dir then holds::
     giva_fx.json          how a batch maps onto the graph inputs, the loss, the trainable names
 
 and is verified before it appears: each vector is its own initializer, the trainable set is exactly
-those vectors, and all four artifacts load in ONNX Runtime.
+those vectors, all four artifacts load in ONNX Runtime, and a training step runs on the sample.
+Before export, what ORT's training graph mishandles is rewritten (`_graph.for_training`: frozen
+batch norm as arithmetic, HardSwish as clamps) and static shapes are inferred through the adapters
+(ORT's pooling gradients read them).
 """
 from __future__ import annotations
 
