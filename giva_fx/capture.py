@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import traceback
 import warnings
 from collections import Counter
@@ -150,6 +151,19 @@ def _rewrap(gm: fx.GraphModule) -> None:
         module.register_buffer(attr, cloned.setdefault(id(b), b.detach().clone()))
 
 
+@contextlib.contextmanager
+def _quiet_export_logs() -> Iterator[None]:
+    """torch.export logs a warning for every dim it specialises (e.g. 1 input channel): expected
+    with all-dims-dynamic capture, and noise to users."""
+    logger = logging.getLogger("torch._export")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def capture(model: nn.Module, batch: Batch) -> Captured:
     """Export `model` on `batch` with dynamic dims; the user's model is left exactly as it was."""
     check_model(model)
@@ -163,8 +177,9 @@ def capture(model: nn.Module, batch: Batch) -> Captured:
         aliases = _aliases(model)
         shapes = _dynamic_shapes(model, batch)
         try:
-            ep = torch.export.export(model, batch.args, batch.kwargs, strict=False,
-                                     dynamic_shapes=shapes)
+            with _quiet_export_logs():
+                ep = torch.export.export(model, batch.args, batch.kwargs, strict=False,
+                                         dynamic_shapes=shapes)
         except Exception as exc:  # torch raises many types here; all mean "cannot capture"
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CaptureError(
