@@ -22,6 +22,13 @@ def resnet() -> tuple[torch.nn.Module, tuple]:
 
     torch.manual_seed(0)
     model = ResNet(BasicBlock, [1, 1, 1, 1], channels=(8, 16, 16, 32), stem_width=8, num_classes=5)
+    with torch.no_grad():  # trained-looking statistics, so eval-mode batch norm is not near the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
     gen = torch.Generator().manual_seed(1)
     return model, (torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 5, (4,), generator=gen))
 
