@@ -6,12 +6,36 @@ results land in bench/results/quick/ (not committed), so it never overwrites mea
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-from bench.common import quiet
+from bench.common import ROOT, quiet
 from bench.runs import default_jobs
 
-STAGES = ("quality", "width", "speed")
+STAGES = ("quality", "width", "speed", "others")
+#: the other benchmark scripts in bench/, as (full-run command, quick-run command or None)
+OTHERS = (
+    (["bench/conv_counts.py"], None),
+    (["bench/adapter_size.py"], None),
+    (["-m", "bench.ort_training"], ["-m", "bench.ort_training", "--quick"]),
+    (["bench/distributed.py"], None),
+)
+
+
+def others(quick: bool) -> str:
+    """Run the other benchmark scripts (each writes its own results); a failure is reported, not fatal."""
+    ran = []
+    for full, short in OTHERS:
+        args = short if quick else full
+        if args is None or not (ROOT / (args[0] if args[0] != "-m" else args[1].replace(".", "/") + ".py")).exists():
+            continue
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        code = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=False).returncode
+        ran.append(f"{' '.join(args)}: {'ok' if code == 0 else f'failed (exit {code})'}")
+    return "; ".join(ran) or "nothing to run"
 
 
 def main() -> None:
@@ -33,10 +57,12 @@ def main() -> None:
             from bench import width
 
             path = width.main(args.quick, args.jobs, args.reuse)
-        else:
+        elif stage == "speed":
             from bench import speed
 
             path = speed.main(args.quick)
+        else:
+            path = Path(others(args.quick))
         print(f"{stage}: wrote {path} in {time.perf_counter() - start:.0f} s", flush=True)
 
 

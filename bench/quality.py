@@ -276,6 +276,8 @@ def report(results: Sequence[Result], plan: Plan, load: tuple[float, float, floa
 def main(quick: bool, jobs: int, reuse: bool) -> Path:
     plan = QUICK if quick else FULL
     load, start = os.getloadavg(), time.perf_counter()
+    for name in plan.tasks:
+        get_task(name).ensure_base()
     results = run_plan(plan, jobs, reuse)
     out = results_dir(quick)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.common import CACHE, examples_path
+from bench.common import CACHE, EXAMPLES, examples_path
 
 examples_path()
 import models as example_models  # noqa: E402  (examples/models.py)
@@ -54,6 +57,16 @@ class Task:
     profile_batches: Callable[[int, int], list[Batch]]  # (seed, n) -> batches for gradient inits
     loss: Callable[[nn.Module, Batch], torch.Tensor]
     evaluate: Callable[[nn.Module], dict[str, float]]  # "metric" plus extras
+    asset: str | None = None  # the examples/pretrain.py base this task loads
+
+    def ensure_base(self) -> None:
+        """Pretrain the base with examples/pretrain.py when it is not there yet."""
+        if self.asset is None or (Path(ASSETS) / f"{self.asset}.safetensors").exists():
+            return
+        print(f"{self.asset}: no pretrained base in {ASSETS}; running examples/pretrain.py --only {self.asset}",
+              flush=True)
+        subprocess.run([sys.executable, "pretrain.py", "--only", self.asset, "--out", ASSETS], cwd=EXAMPLES,
+                       check=True)
 
     def better(self, a: float, b: float) -> bool:
         return a > b if self.higher_is_better else a < b
@@ -102,7 +115,7 @@ CHAR_GPT2 = Task(
     peft_targets=("c_attn", "c_proj", "c_fc"), head=(), floor=("transformer.ln_f.*",),
     fan_in_fan_out=True, peft_vera=True, peft_loraga=True,
     base=lambda: example_models.load_base("char_gpt2", ASSETS),
-    batches=_lm_batches, profile_batches=_lm_profile, loss=_lm_loss, evaluate=_lm_evaluate,
+    batches=_lm_batches, profile_batches=_lm_profile, loss=_lm_loss, evaluate=_lm_evaluate, asset="char_gpt2",
 )
 
 # --------------------------------------------------------------------------------------- digits --
@@ -146,6 +159,7 @@ def _digits_task(name: str, title: str, giva_targets: tuple[str, ...], peft_targ
         giva_targets=giva_targets, peft_targets=peft_targets, head=(head,), floor=(f"{head}.*",),
         fan_in_fan_out=False, peft_vera=vera, peft_loraga=vera, base=base,
         batches=_digits_batches, profile_batches=_digits_profile, loss=_digits_loss, evaluate=_digits_evaluate,
+        asset=name,
     )
 
 
@@ -185,7 +199,7 @@ class DigitsMLP(nn.Module):
 MLP_PRETRAIN_STEPS = 300
 
 
-def _pretrained_mlp(width: int) -> nn.Module:
+def pretrained_mlp(width: int) -> nn.Module:
     """A `DigitsMLP` pretrained briefly on upright digits, cached under bench/cache/."""
     from safetensors.torch import load_model, save_model
 
@@ -218,7 +232,7 @@ def digits_mlp(width: int) -> Task:
         metric="test accuracy", higher_is_better=True,
         giva_targets=("embed.weight", "blocks.*.weight"), peft_targets=r"embed|blocks\.\d+\.[13]",
         head=(), floor=("head.*",), fan_in_fan_out=False, peft_vera=True, peft_loraga=True,
-        base=lambda: _pretrained_mlp(width), batches=_digits_batches, profile_batches=_digits_profile,
+        base=lambda: pretrained_mlp(width), batches=_digits_batches, profile_batches=_digits_profile,
         loss=_digits_loss, evaluate=_digits_evaluate,
     )
 
