@@ -7,13 +7,17 @@ seeded), rank 8, init Vr. Each rank profiles one batch of `--batch` sequences of
 the single-process runs get one batch, or both ranks' batches (the same global data). Two ways
 to turn the averaged gradients into bases are compared:
 
-* shard (what adapt() does): each op's SVD runs on one rank, the bases are broadcast as bytes;
-* replicate: every rank runs every SVD, nothing is exchanged (patched in here, for comparison).
+* shard (what adapt() does): each op's SVD runs once, on the rank that owns it, and the bases are
+  broadcast as bytes at the end;
+* replicate (patched in here): every rank runs every SVD itself, nothing is exchanged.
 
-Reported per configuration: the wall time of adapt() (the slowest rank, best of `--repeats`),
-adapt()'s own breakdown (capture, profile incl. collectives, bases = the SVDs this rank ran), the
-time spent inside collectives (waiting for the other rank included), and the peak bytes of
-gradients the sink held (the one being reduced included; more means gradients arrived out of order).
+Reported per configuration, as medians over `--repeats` runs (of the slowest rank where one number
+stands for all): the wall time of adapt(), of its capture, and of what follows the capture
+(profiling, collectives and SVDs: the only part the strategies change); each rank's CPU seconds
+in adapt(), seconds of SVDs it ran and seconds inside collectives (waiting for the other rank
+included); the peak bytes of gradients the sink held (the one being reduced included; more would
+mean gradients arrived out of the fixed order); whether the ranks' bases agreed.
+Wall times on a machine shared with other jobs move with its load: the load average is printed.
 """
 from __future__ import annotations
 
@@ -59,12 +63,13 @@ class _SyncStats(logging.Handler):
             _, _, self.comm_s, self.peak_mb = record.args
 
 
-def _replicate_svds() -> None:
-    """Every rank computes every op's bases itself; nothing to exchange afterwards."""
+def _patch(strategy: str) -> None:
+    """Switch giva_fx.distributed to one of the alternatives compared here."""
     import giva_fx.distributed as gd
 
-    gd.owners = lambda ops, world_size: {op.weight_name: dist.get_rank() for op in ops}
-    gd._GradientSync.commit = lambda self, bases: self._flags(reached=True)
+    if strategy == "replicate":  # every rank owns every op, so there is nothing to exchange
+        gd.owners = lambda ops, world_size: {op.weight_name: dist.get_rank() for op in ops}
+        gd._GradientSync.commit = lambda self, bases: self._flags(reached=True)
 
 
 def _adapt_once(batches: list[dict[str, torch.Tensor]], model: torch.nn.Module) -> dict[str, Any]:
@@ -82,8 +87,21 @@ def _adapt_once(batches: list[dict[str, torch.Tensor]], model: torch.nn.Module) 
     logger.removeHandler(stats)
     r = adapted.report
     digest = sum(float(a.A.double().sum() + a.B.double().sum()) for a in adapted.adapters().values())
-    return {"wall": wall, "cpu": cpu, "capture": r.capture_s, "profile": r.profile_s, "bases": r.bases_s,
+    return {"wall": wall, "cpu": cpu, "capture": r.capture_s, "after_capture": r.profile_s + r.bases_s,
+            "bases": r.bases_s,
             "comm": stats.comm_s, "peak_mb": stats.peak_mb, "digest": digest}
+
+
+def _allreduce_only(model: torch.nn.Module) -> tuple[float, int]:
+    """Seconds to all-reduce one float32 gradient per adapted weight (the 73 matrices of the encoder
+    and pooler), with nothing else going on; and how many floats that is."""
+    grads = [torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()
+             if p.dim() == 2 and "embeddings" not in n and "classifier" not in n]
+    dist.barrier()
+    start = time.perf_counter()
+    for g in grads:
+        dist.all_reduce(g)
+    return time.perf_counter() - start, sum(g.numel() for g in grads)
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, strategy: str, queue: Any) -> None:
@@ -92,12 +110,15 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, strategy
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=10))
-        if strategy == "replicate":
-            _replicate_svds()
+        _patch(strategy)
     n = 2 if strategy == "global" else 1
     model, batches = _model_and_batches(args.batch, args.seq, max(world, n))
     mine = batches[rank:rank + 1] if world > 1 else batches[:n]
     runs = [_adapt_once(mine, model) for _ in range(args.repeats)]
+    if world > 1 and rank == 0:
+        runs[0]["allreduce"] = _allreduce_only(model)
+    elif world > 1:
+        _allreduce_only(model)
     queue.put((rank, runs))
     if world > 1:
         dist.destroy_process_group()
@@ -130,22 +151,30 @@ def main() -> None:
                ("2 processes, 1 batch each, replicate SVDs", 2, "replicate")]
     print(f"BERT-base (BertConfig defaults), batch {args.batch} x {args.seq} tokens per rank, rank 8, Vr, "
           f"{args.threads} thread(s) per process, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
-    print("| configuration | adapt() wall s (slowest rank, best run) | CPU s per rank | capture s | profile s | "
-          "bases s | in collectives s | peak gradients held by the sink MB | ranks' bases identical |")
+    print("| configuration | adapt() wall s | capture s | profile + bases wall s | adapt() CPU s per rank | "
+          "SVD s per rank | in collectives s per rank | peak gradients held by the sink MB | "
+          "ranks' bases identical |")
     print("|---|---|---|---|---|---|---|---|---|")
+    note = ""
     for label, world, strategy in configs:
         per_rank = _run(world, strategy, args)
-        best = min(range(args.repeats), key=lambda i: max(r[i]["wall"] for r in per_rank))
-        runs = [r[best] for r in per_rank]
-        worst = max(runs, key=lambda run: run["wall"])
-        same = "-" if world == 1 else str(len({run["digest"] for run in runs}) == 1)
-        walls = [max(r[i]["wall"] for r in per_rank) for i in range(args.repeats)]
-        bases = " / ".join(f"{run['bases']:.2f}" for run in runs)
-        comm = " / ".join(f"{run['comm']:.2f}" for run in runs)
-        cpu = " / ".join(f"{run['cpu']:.2f}" for run in runs)
-        print(f"| {label} | {worst['wall']:.2f} (median {statistics.median(walls):.2f}) | {cpu} | {worst['capture']:.2f} | "
-              f"{worst['profile']:.2f} | {bases} | {comm} | {max(run['peak_mb'] for run in runs):.1f} | {same} |",
-              flush=True)
+        def median(key: str, rank: int | None = None) -> float:  # over repeats; of the slowest rank
+            return statistics.median(max(r[i][key] for r in per_rank) if rank is None else per_rank[rank][i][key]
+                                     for i in range(args.repeats))
+
+        def each(key: str) -> str:
+            return " / ".join(f"{median(key, rank):.2f}" for rank in range(world))
+
+        same = "-" if world == 1 else str(all(len({r[i]["digest"] for r in per_rank}) == 1
+                                              for i in range(args.repeats)))
+        peak = max(run["peak_mb"] for r in per_rank for run in r)
+        print(f"| {label} | {median('wall'):.2f} | {median('capture'):.2f} | {median('after_capture'):.2f} | "
+              f"{each('cpu')} | {each('bases')} | {each('comm')} | {peak:.1f} | {same} |", flush=True)
+        if "allreduce" in per_rank[0][0]:
+            seconds, floats = per_rank[0][0]["allreduce"]
+            note = (f"\ngloo all-reduce of the adapted weights' gradients alone ({floats / 1e6:.1f} M float32, "
+                    f"one call per weight, 2 processes): {seconds:.2f} s")
+    print(note)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ When a process group of several ranks is initialised, `adapt()` profiles through
    and equals the mean over all batches (with equal batch sizes and a mean loss, the gradient of
    the mean loss on the concatenated batch). A rank that did not reach a weight adds zeros.
 3. **Bases, sharded.** Each op's SVD runs once, on the rank that owns it (ops are dealt to the
-   least loaded rank by weight size); the others drop the reduced gradient at once.
+   least loaded rank by weight size); the others drop the reduced gradient at once. The owner
+   runs it inside the hook, so the others may wait for it at the next collective: sharding
+   divides the SVD work by the number of ranks, the wall time gains less (bench/distributed.py).
 4. **Commit and exchange.** A last flags all-reduce confirms every rank finished; then each rank
    broadcasts the bases it computed as raw bytes, so every rank holds bit-identical bases whatever
    its BLAS threads or hardware (randomness is seeded per op from (seed, weight name) anyway).
@@ -30,7 +32,8 @@ preflight until the process group's timeout (`init_process_group(timeout=...)`).
 
 Memory: like the single-process pass (about one extra gradient), plus the gradients that arrive
 out of the fixed order, plus a float32 copy of the gradient being reduced when the weight is not
-float32. On BERT-base the sink never held more than the one gradient it was reducing.
+float32. On BERT-base the sink never held more than the one gradient it was reducing: the
+fixed order matches the backward order there.
 
 Training: wrap the adapted model in `DistributedDataParallel` as it is. Only parameters that
 require grad enter DDP's reducer, so its buckets hold the adapter vectors (and `train=`
