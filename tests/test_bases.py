@@ -79,3 +79,14 @@ def test_degenerate_gradients_fall_back_to_random_with_a_warning(grad, why):
         bases = compute_bases(grad, out_features=8, in_features=8, rank=2, init="Vr", seed=0, name="w")
     assert bases.init == "random" and why.lower() in bases.note.lower()
     assert torch.isfinite(bases.A).all() and torch.isfinite(bases.B).all()
+
+
+def test_singular_vector_signs_follow_one_convention():
+    """A sign-flipped gradient estimate (same subspace) gives bit-for-bit the same A."""
+    g = torch.randn(30, 20, dtype=torch.float64).float()
+    kw = dict(out_features=30, in_features=20, rank=4, init="VrUr", seed=0, name="w")
+    a, b = compute_bases(g, **kw), compute_bases(-g, **kw)
+    rows = a.A.abs().argmax(1)
+    assert (a.A.gather(1, rows[:, None]) > 0).all()
+    torch.testing.assert_close(a.A, b.A, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.B, -b.B, rtol=0, atol=1e-6)  # G = U S V^T: U flips with G

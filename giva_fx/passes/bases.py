@@ -120,6 +120,15 @@ def gradient_problem(grad: torch.Tensor | None) -> str | None:
     return None
 
 
+def _canonical_signs(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each singular pair (u_i, v_i) so v_i's largest entry is positive. SVD signs are
+    arbitrary and flip under tiny changes in summation order (e.g. gradients reduced across
+    processes); a fixed convention makes the bases comparable, and G = U S V^T is unchanged."""
+    signs = torch.sign(v.gather(0, v.abs().argmax(0, keepdim=True)))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return u * signs, v * signs
+
+
 def compute_bases(
     grad: torch.Tensor | None,
     *,
@@ -151,6 +160,7 @@ def compute_bases(
     with torch.random.fork_rng(devices=[g.device] if g.device.type == "cuda" else []):
         torch.manual_seed(seed)
         u, _, v = torch.svd_lowrank(g, q=q, niter=4)
+    u, v = _canonical_signs(u, v)
     a = v[:, :rank].T.contiguous()
     if init == "VrUr":
         b = u[:, :rank].contiguous()
