@@ -4,7 +4,7 @@ The base model (examples/assets/digits_vit.safetensors, made by examples/pretrai
 scikit-learn's bundled digits) was pretrained on upright digits; turned by 90 degrees, the same
 digits defeat it. GiVA adapts every linear and conv op of it, training only two small vectors per op.
 
-    python examples/demo.py [--steps 300] [--rank 8] [--init Vr] [--lr 0.01]
+    python examples/demo.py [--steps 300] [--rank 8] [--init Vr] [--lr 0.03]
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--init", default="Vr", choices=giva_fx.INIT_MODES)
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--lr", type=float, default=3e-2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--assets", type=Path, default=ASSETS_DIR)
