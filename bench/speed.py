@@ -11,7 +11,7 @@ computes no weight gradient, the cost that no adapter in every block can beat.
 
 Peak memory. Each configuration runs in a fresh subprocess. After building, the kernel's peak-RSS
 counter is reset (`/proc/self/clear_refs`, 5) so that building (e.g. adapt()'s own profiling)
-cannot mask the step's peak; the peak extra memory is then `ru_maxrss` after three steps minus the
+cannot mask the step's peak; the peak extra memory is then `ru_maxrss` after two steps minus the
 RSS before them (optimizer state, gradients and activations). glibc is told to serve every
 allocation above 128 KiB with mmap (`MALLOC_MMAP_THRESHOLD_`), so freed tensors leave the RSS and
 the counter follows torch's live memory; tracemalloc would not see torch's allocations at all.
@@ -40,7 +40,9 @@ from torch import nn
 import giva_fx
 from bench.common import ROOT, command_line, header, markdown_table, quiet, results_dir, write
 
-THREADS = max(1, min(2, os.cpu_count() or 1))
+#: torch threads for every timing. One by default: on a shared machine a second OpenMP thread turns
+#: every small op into a wait for a busy core (we saw 10x swings), and ratios need stable steps.
+THREADS = int(os.environ.get("BENCH_SPEED_THREADS", "1"))
 RANK = 8
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
@@ -63,6 +65,7 @@ class SpeedModel:
     bottom: tuple[str, ...]  # the floor's tiny trainable parameter(s) at the bottom
     repeats: int
     inner: int  # steps per timed block
+    small_batch: Callable[[], Any] | None = None  # a batch where gradients, not activations, dominate
 
 
 def _bert() -> nn.Module:
@@ -72,11 +75,14 @@ def _bert() -> nn.Module:
     return BertForSequenceClassification(BertConfig()).eval()
 
 
+BERT_BATCH, BERT_SEQ = 4, 128
+
+
 def _bert_batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(0, 30522, (8, 128), generator=g),
-            "attention_mask": torch.ones(8, 128, dtype=torch.long),
-            "labels": torch.randint(0, 2, (8,), generator=g)}
+    return {"input_ids": torch.randint(0, 30522, (BERT_BATCH, BERT_SEQ), generator=g),
+            "attention_mask": torch.ones(BERT_BATCH, BERT_SEQ, dtype=torch.long),
+            "labels": torch.randint(0, 2, (BERT_BATCH,), generator=g)}
 
 
 def _hf_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -97,9 +103,11 @@ def speed_models(quick: bool) -> list[SpeedModel]:
     if quick:
         return [vit]
     return [
-        SpeedModel("bert_base", "BERT-base-sized encoder (12 x 768, random weights), batch 8 x 128", _bert,
+        SpeedModel("bert_base", f"BERT-base-sized encoder (12 x 768, random weights), batch {BERT_BATCH} x {BERT_SEQ}",
+                   _bert,
                    _bert_batch, _hf_loss, ("bert.encoder.layer.*.weight",), BERT_LINEARS, False, ("classifier",),
-                   ("bert.embeddings.LayerNorm.*",), repeats=7, inner=1),
+                   ("bert.embeddings.LayerNorm.*",), repeats=5, inner=1,
+                   small_batch=lambda: {k: v[:1] for k, v in _bert_batch().items()}),
         _task_model("char_gpt2", ("transformer.h.0.ln_1.*",), ("transformer.ln_f",), repeats=15, inner=5),
         vit,
     ]
@@ -113,6 +121,7 @@ def _model(name: str) -> SpeedModel:
 
 CONFIGS = ("floor", "floor (captured graph)", "head only", f"giva r={RANK}", f"PEFT LoRA r={RANK}",
            "PEFT VeRA r=64", "PEFT VeRA r=256", "full fine-tuning")
+ADAPT_JOBS = ("adapt", "keep-all-gradients", "PEFT LoRA-GA init")
 QUICK_CONFIGS = ("floor", f"giva r={RANK}", f"PEFT LoRA r={RANK}", "PEFT VeRA r=64")
 
 
@@ -171,7 +180,7 @@ class Stepper:
 
 # ----------------------------------------------------------------------------------- step time --
 
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int, inner: int, warmup: int = 2) -> dict[str, list[float]]:
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int, inner: int, warmup: int = 1) -> dict[str, list[float]]:
     """Seconds per call of each fn, one timed block of `inner` calls per repeat, order rotating."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -228,10 +237,10 @@ def measure(job: str, model_name: str, config: str) -> dict[str, Any]:
         model = build_config(m, config)
         stepper = Stepper(m, model)
         rss, reset = _status_kb("VmRSS"), _reset_peak()
-        for _ in range(3):
+        for _ in range(2):
             stepper()
         return {"extra_mb": (_peak_kb() - rss) / 1024, "reset": reset}
-    base, batch = m.build(), m.batch()
+    base, batch = m.build(), (m.small_batch() if config == "small" else m.batch())
     model_mb = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
     rss, reset = _status_kb("VmRSS"), _reset_peak()
     start = time.perf_counter()
@@ -336,20 +345,22 @@ def model_section(m: SpeedModel, steps: dict[str, Any], memory: dict[str, dict],
              f"{memory[c]['extra_mb'] / floor_mb:.2f}" if floor_mb > 0 else "-"] for c in steps["times"]]
     giva, lora = f"giva r={RANK}", f"PEFT LoRA r={RANK}"
     giva_step = statistics.median(steps["times"][giva])
-    adapt = adapt_jobs["adapt"]
-    keep = adapt_jobs["keep-all-gradients"]
+    adapt, keep = adapt_jobs[("adapt", "")], adapt_jobs[("keep-all-gradients", "")]
+    adapt_rows = []
+    for (job, size), r in adapt_jobs.items():
+        reference = adapt_jobs[("keep-all-gradients", size)]
+        adapt_rows.append([f"{job}{' (batch of 1)' if size else ''}", f"{r['total_s']:.2f}",
+                           ", ".join(f"{k} {v:.2f}" for k, v in r["split"].items()), f"{r['extra_mb']:.0f}",
+                           f"{r['extra_mb'] / reference['extra_mb']:.2f}"])
     lines = [
         f"## {m.title}", "",
         f"Step = forward + backward + AdamW; {m.repeats} interleaved repeats of {m.inner} step(s). "
         "Ratio to the floor: median (min-max) over repeats. Peak extra memory: fresh process, peak RSS over "
-        "three steps minus RSS after building.", "",
+        "two steps minus RSS after building.", "",
         markdown_table(["configuration", "trainable", "step ms (median)", "x floor step", "peak extra MB",
                         "x floor memory"], rows), "",
         markdown_table(["adapt() one batch vs alternatives", "wall s", "split (s)", "peak extra MB",
-                        "x keep-all-gradients memory"],
-                       [[job, f"{r['total_s']:.2f}", ", ".join(f"{k} {v:.2f}" for k, v in r["split"].items()),
-                         f"{r['extra_mb']:.0f}", f"{r['extra_mb'] / keep['extra_mb']:.2f}"]
-                        for job, r in adapt_jobs.items()]), "",
+                        "x keep-all-gradients memory"], adapt_rows), "",
         f"Base model parameters: {adapt['model_mb']:.0f} MB. adapt() took {adapt['total_s'] / giva_step:.1f} "
         f"GiVA training steps of time; its peak extra memory is {adapt['extra_mb'] / adapt['model_mb']:.2f}x "
         "the model's size.", "",
@@ -383,7 +394,8 @@ def main(quick: bool) -> Path:
         print(f"speed: {m.name}", flush=True)
         configs = QUICK_CONFIGS if quick else CONFIGS
         memory = {c: in_subprocess("step", m.name, c) for c in configs}
-        adapt_jobs = {job: in_subprocess(job, m.name) for job in ("adapt", "keep-all-gradients", "PEFT LoRA-GA init")}
+        adapt_jobs = {(job, size): in_subprocess(job, m.name, size) for job in ADAPT_JOBS
+                      for size in (("", "small") if m.small_batch else ("",))}
         steps = step_times(m, configs)
         infer = inference(m)
         sections.append(model_section(m, steps, memory, adapt_jobs, infer))

@@ -36,7 +36,7 @@ class Sweep:
     eval_every: int
 
 
-FULL = Sweep((64, 256, 768), (1e-3, 1e-2, 3e-2, 1e-1), seeds=3, checkpoints=(150, 450), eval_every=25)
+FULL = Sweep((64, 256, 768), (1e-3, 1e-2, 3e-2, 1e-1, 3e-1), seeds=3, checkpoints=(150, 450), eval_every=25)
 QUICK = Sweep((64, 256), (1e-3, 3e-2), seeds=1, checkpoints=(20, 60), eval_every=20)
 
 
@@ -114,22 +114,23 @@ def plot(rows: Sequence[dict], sweep: Sweep, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(sweep.checkpoints), figsize=(5.5 * len(sweep.checkpoints), 4.2),
-                             sharey=True, squeeze=False)
-    for ax, step in zip(axes[0], sweep.checkpoints):
-        for key, label, color in (("vs_random", "random r=8 - GiVA r=8", "tab:cyan"),
-                                  ("vs_vera", "VeRA r=64 - GiVA r=8", "tab:orange")):
-            for regime, ls in (("low", "--"), ("tuned", "-")):
-                sel = [r for r in rows if r["step"] == step and r["regime"] == regime]
+    regimes = ("low", "tuned")
+    fig, axes = plt.subplots(len(regimes), len(sweep.checkpoints), figsize=(5.5 * len(sweep.checkpoints), 7.5),
+                             squeeze=False)
+    for row, regime in zip(axes, regimes):
+        for ax, step in zip(row, sweep.checkpoints):
+            sel = [r for r in rows if r["step"] == step and r["regime"] == regime]
+            for key, label, color in (("vs_random", "random r=8 - GiVA r=8", "tab:cyan"),
+                                      ("vs_vera", "VeRA r=64 - GiVA r=8", "tab:orange")):
                 ax.errorbar([r["width"] for r in sel], [r[key][0] for r in sel], [2 * r[key][1] for r in sel],
-                            fmt="o" + ls, color=color, capsize=3, label=f"{label}, {regime} lr")
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(list(sweep.widths), [str(w) for w in sweep.widths])
-        ax.set_xlabel("model width")
-        ax.set_title(f"after {step} steps")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test-loss gap (> 0: GiVA better), ±2 se")
+                            fmt="o-", color=color, capsize=3, label=label)
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(list(sweep.widths), [str(w) for w in sweep.widths])
+            ax.set_xlabel("model width")
+            ax.set_title(f"{regime} learning rate, after {step} steps", fontsize=10)
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel("test-loss gap (> 0: GiVA better), ±2 se")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle("Gradient bases vs random bases by width (digits MLP, rotated)", fontsize=10)
     fig.tight_layout()
