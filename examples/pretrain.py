@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +113,9 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return (model(x).argmax(-1) == y).float().mean().item()
 
 
-def pretrain_digits(name: str, kind: str, config: dict, steps: int, lr: float, out: Path) -> None:
+def pretrain_digits(
+    name: str, kind: str, config: dict[str, Any], steps: int, lr: float, out: Path
+) -> None:
     """Train on upright digits (with 1-pixel shifts); report rotated zero-shot."""
     torch.manual_seed(SEED)
     model = build_model(kind, config)
@@ -138,8 +141,8 @@ def pretrain_digits(name: str, kind: str, config: dict, steps: int, lr: float, o
 def lm_loss(model: nn.Module, stream: Tensor, max_windows: int = 128) -> float:
     """Mean next-char loss (nats) over consecutive non-overlapping windows."""
     n = min(max_windows, len(stream) // LM_SEQ_LEN)
-    ids = stream[: n * LM_SEQ_LEN].view(n, LM_SEQ_LEN)
-    return sum(model(input_ids=b, labels=b).loss.item() for b in ids.split(32)) / len(ids.split(32))
+    batches = stream[: n * LM_SEQ_LEN].view(n, LM_SEQ_LEN).split(32)
+    return sum(model(input_ids=b, labels=b).loss.item() for b in batches) / len(batches)
 
 
 def pretrain_gpt2(steps: int, out: Path) -> None:
@@ -217,6 +220,7 @@ def pretrain_bert(steps: int, out: Path) -> None:
 
 
 def report(path: Path, metrics: dict[str, float]) -> None:
+    """Print the metrics and file size of a saved base."""
     size_kb = path.stat().st_size / 1024
     shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
     print(f"{path.stem}: {shown} [{size_kb:.0f} KB]", flush=True)
