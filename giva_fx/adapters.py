@@ -39,7 +39,10 @@ class LinearAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:  # dW already lives in the shared base weight; adding it again would double it
             return x.new_zeros(())
-        return F.linear(F.linear(x, self.A) * self.lambda_s, self.B) * self.lambda_o
+        # lambda_o scales B's rows (out x r) rather than the (tokens x out) output: the same delta, but
+        # autograd then keeps only the r-wide activation for the backward, not an out-wide one
+        # (bench/results/speed.md: BERT-base step peak memory -32%, step time -2.5%)
+        return F.linear(F.linear(x, self.A) * self.lambda_s, self.B * self.lambda_o[:, None])
 
     def delta_weight(self) -> torch.Tensor:
         """dW (out x in) in float32, whatever the adapter's dtype."""
