@@ -256,14 +256,15 @@ def plot(results: Sequence[Result], out: Path) -> list[Path]:
     return paths
 
 
-def report(results: Sequence[Result], plan: Plan, load: tuple[float, float, float], wall_s: float) -> str:
+def report(results: Sequence[Result], plan: Plan, load: tuple[float, float, float], wall_s: float,
+           reuse: bool) -> str:
     parts = [header("Quality: GiVA vs PEFT LoRA, LoRA-GA and VeRA after equal steps", command_line(), load, 1), (
         f"Each method at the best learning rate of its grid (seed 0 sweep shown; `(edge)` marks a best "
         f"learning rate at the grid's edge), then {plan.seeds} seeds there; every method sees the same data "
         "order per seed and adapts the same ops (all attention and MLP linears of every block; for the CNN "
         "every conv and the hidden head linear), and trains the task's head where it has one. AdamW, no "
         "weight decay, warm-up over 5% of steps then constant, gradient norm clipped to 1; gradient inits "
-        f"(giva, LoRA-GA) profile the same 4 batches. Wall time {wall_s / 60:.1f} min.\n")]
+        f"(giva, LoRA-GA) profile the same 4 batches. Wall time {wall_s / 60:.1f} min{' (stored runs reused: see --reuse)' if reuse else ''}.\n")]
     for task, steps in plan.tasks.items():
         t = get_task(task)
         parts += [f"## {t.title} ({steps} steps, {t.metric}, {'higher' if t.higher_is_better else 'lower'} is better)",
@@ -283,5 +284,5 @@ def main(quick: bool, jobs: int, reuse: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out)
     path = out / "quality.md"
-    write(path, report(results, plan, load, time.perf_counter() - start))
+    write(path, report(results, plan, load, time.perf_counter() - start, reuse))
     return path

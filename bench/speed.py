@@ -11,8 +11,9 @@ computes no weight gradient, the cost that no adapter in every block can beat.
 
 Peak memory. Each configuration runs in a fresh subprocess. After building, the kernel's peak-RSS
 counter is reset (`/proc/self/clear_refs`, 5) so that building (e.g. adapt()'s own profiling)
-cannot mask the step's peak; the peak extra memory is then `ru_maxrss` after two steps minus the
-RSS before them (optimizer state, gradients and activations). glibc is told to serve every
+cannot mask the step's peak; the peak extra memory is then the peak RSS over two steps minus the RSS
+before them (optimizer state, gradients and activations), read from VmHWM: the counter ru_maxrss
+reports, without the peak a subprocess inherits from its parent across fork and exec. glibc is told to serve every
 allocation above 128 KiB with mmap (`MALLOC_MMAP_THRESHOLD_`), so freed tensors leave the RSS and
 the counter follows torch's live memory; tracemalloc would not see torch's allocations at all.
 
@@ -24,17 +25,18 @@ import argparse
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import giva_fx
@@ -119,7 +121,8 @@ def _model(name: str) -> SpeedModel:
 
 # ------------------------------------------------------------------------------ configurations --
 
-CONFIGS = ("floor", "floor (captured graph)", "head only", f"giva r={RANK}", f"PEFT LoRA r={RANK}",
+UNFOLDED = f"giva r={RANK}, lambda_o scaling the output (previous form)"
+CONFIGS = ("floor", "floor (captured graph)", "head only", f"giva r={RANK}", UNFOLDED, f"PEFT LoRA r={RANK}",
            "PEFT VeRA r=64", "PEFT VeRA r=256", "full fine-tuning")
 ADAPT_JOBS = ("adapt", "keep-all-gradients", "PEFT LoRA-GA init")
 QUICK_CONFIGS = ("floor", f"giva r={RANK}", f"PEFT LoRA r={RANK}", "PEFT VeRA r=64")
@@ -150,7 +153,11 @@ def build_config(m: SpeedModel, config: str) -> nn.Module:
     if config == "floor (captured graph)":
         return giva_fx.adapt(base, m.batch(), targets=["<no op>"], train=head + list(m.bottom), progress=False)
     if config.startswith("giva"):
-        return giva_fx.adapt(base, m.batch(), rank=RANK, targets=list(m.giva_targets), train=head, progress=False)
+        adapted = giva_fx.adapt(base, m.batch(), rank=RANK, targets=list(m.giva_targets), train=head, progress=False)
+        if config == UNFOLDED:
+            for adapter in adapted.adapters().values():
+                adapter.forward = types.MethodType(_unfolded_forward, adapter)
+        return adapted
     from peft import LoraConfig, VeraConfig, get_peft_model
 
     common = dict(target_modules=m.peft_targets if isinstance(m.peft_targets, str) else list(m.peft_targets),
@@ -158,6 +165,13 @@ def build_config(m: SpeedModel, config: str) -> nn.Module:
     rank = int(config.rsplit("=", 1)[1])
     peft_config = LoraConfig(r=rank, **common) if "LoRA" in config else VeraConfig(r=rank, **common)
     return get_peft_model(base, peft_config)
+
+
+def _unfolded_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LinearAdapter.forward as it was before lambda_o moved onto B's rows (same function): lambda_o
+    scales the (tokens x out) output, so autograd keeps that out-wide tensor for lambda_o's gradient.
+    Kept as a configuration so the change stays measured."""
+    return F.linear(F.linear(x, self.A) * self.lambda_s, self.B) * self.lambda_o
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -227,7 +241,9 @@ def _reset_peak() -> bool:
 
 
 def _peak_kb() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """The kernel's peak RSS of this process (VmHWM, what ru_maxrss reports once the peak was reset):
+    ru_maxrss itself can also report the peak the process inherited across fork and exec."""
+    return _status_kb("VmHWM")
 
 
 def measure(job: str, model_name: str, config: str) -> dict[str, Any]:

@@ -138,7 +138,8 @@ def plot(rows: Sequence[dict], sweep: Sweep, path: Path) -> None:
     plt.close(fig)
 
 
-def report(rows: Sequence[dict], sweep: Sweep, load: tuple[float, float, float], wall_s: float) -> str:
+def report(rows: Sequence[dict], sweep: Sweep, load: tuple[float, float, float], wall_s: float,
+           reuse: bool) -> str:
     head = ["width", "lr", "step", "GiVA Vr r=8", "random r=8", "VeRA r=64", "random - GiVA", "VeRA - GiVA"]
     body = [[r["width"], r["regime"], r["step"],
              *(_fmt_cell(*r["picked"][m]) for m in (GIVA, RANDOM, VERA)),
@@ -150,7 +151,7 @@ def report(rows: Sequence[dict], sweep: Sweep, load: tuple[float, float, float],
         f"block linear. Test loss (cross-entropy; accuracy in brackets), mean ± sd over {sweep.seeds} seeds; "
         f"learning-rate grid {list(sweep.grid)} for every method with every seed. `low`: the grid's lowest "
         f"learning rate; `tuned`: each method's best for that step count. Gaps: the other method's loss minus "
-        f"GiVA's ± standard error; 'tie' within 2 standard errors. Wall time {wall_s / 60:.1f} min.",
+        f"GiVA's ± standard error; 'tie' within 2 standard errors. Wall time {wall_s / 60:.1f} min{' (stored runs reused: see --reuse)' if reuse else ''}.",
         "", markdown_table(head, body), "", "![width sweep](width_sweep.png)", ""])
 
 
@@ -169,5 +170,5 @@ def main(quick: bool, jobs: int, reuse: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plot(rows, sweep, out / "width_sweep.png")
     path = out / "width_sweep.md"
-    write(path, report(rows, sweep, load, time.perf_counter() - start))
+    write(path, report(rows, sweep, load, time.perf_counter() - start, reuse))
     return path
