@@ -21,6 +21,7 @@ OTHERS = (
     (["bench/adapter_size.py"], None),
     (["-m", "bench.ort_training"], ["-m", "bench.ort_training", "--quick"]),
     (["bench/distributed.py"], None),
+    (["bench/demo_adapt.py"], None),
 )
 
 
