@@ -70,7 +70,7 @@ def _select(gm: fx.GraphModule, aliases: dict[str, tuple[str, ...]], config: Ada
     return found
 
 
-def _train_fully(gm: fx.GraphModule, patterns: Sequence[str]) -> tuple[str, ...]:
+def train_fully(gm: fx.GraphModule, patterns: Sequence[str]) -> tuple[str, ...]:
     """Give `train=` parameters their own trainable copy (the user's model is never written).
 
     A tied parameter (several names, one tensor) is matched by any of its names and gets ONE copy
@@ -160,7 +160,7 @@ def adapt(
                              f"{captured.signature}; every batch must call the model the same way")
     t1 = time.perf_counter()
     found = _select(captured.graph_module, captured.aliases, config)
-    full_train = _train_fully(captured.graph_module, config.train)
+    full_train = train_fully(captured.graph_module, config.train)
     bases, losses, svd_s = _profile_bases(captured.graph_module, samples, found.ops, config, loss_fn, progress)
     t2 = time.perf_counter()
     adapted = assemble(captured, found, bases, config, full_train, source=model)

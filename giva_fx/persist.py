@@ -29,12 +29,12 @@ import safetensors.torch
 import torch
 import torch.fx as fx
 
-from giva_fx.adapt import AdaptConfig, _train_fully, assemble
+from giva_fx.adapt import AdaptConfig, assemble, train_fully
 from giva_fx.batches import as_batches
 from giva_fx.capture import capture
 from giva_fx.distributed import on_rank_zero
 from giva_fx.errors import AdapterFileError, ConfigError
-from giva_fx.export._files import atomic_file
+from giva_fx.files import atomic_file
 from giva_fx.fingerprint import differences, dtype_name, fingerprint, tensor_digest
 from giva_fx.model import GivaModel
 from giva_fx.passes.bases import INIT_MODES, Bases, op_seed, seeded_bases
@@ -262,7 +262,7 @@ def load_adapter(model: torch.nn.Module, path: str | os.PathLike[str], sample_ba
     extra = tuple(SkippedOp(op.weight_name, op.kind, op.nodes, "not in the adapter file")
                   for op in found.ops if op.weight_name not in meta["ops"])
     train = [n for n in meta["train"] if n not in unfit]
-    full_train = _train_fully(gm, [glob.escape(n) for n in train])
+    full_train = train_fully(gm, [glob.escape(n) for n in train])
     bases = {op.weight_name: _bases(meta, tensors, op, config.seed) for op in kept}
     adapted = assemble(captured, MatchResult(kept, found.skipped + extra), bases, config, full_train, source=model)
     with torch.no_grad():

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from giva_fx.batches import as_batch
-from giva_fx.export._files import atomic_file
+from giva_fx.files import atomic_file
 from giva_fx.export._graph import FlatModel, check_vectors, eval_graph, export_onnx, input_slots, require
 from giva_fx.loss import logits_of
 from giva_fx.model import GivaModel

@@ -33,7 +33,7 @@ import torch
 
 from giva_fx.batches import Batch, as_batch
 from giva_fx.errors import ConfigError, ExportError
-from giva_fx.export._files import atomic_dir
+from giva_fx.files import atomic_dir
 from giva_fx.export._graph import (EXPORTER, MAX_IR_VERSION, FlatModel, Slot, check_vectors, eval_graph,
                                    export_onnx, flat_logits_output, for_training, input_slots, loss_output,
                                    require)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from giva_fx.errors import ExportError
-from giva_fx.export._files import atomic_dir
+from giva_fx.files import atomic_dir
 from giva_fx.model import GivaModel
 from giva_fx.passes.match import SkippedOp, WeightOp
 from giva_fx.passes.mode import updated_buffers

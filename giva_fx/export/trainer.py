@@ -21,7 +21,7 @@ import torch
 
 from giva_fx.batches import Batch, as_batch
 from giva_fx.errors import ConfigError, ExportError
-from giva_fx.export._files import atomic_file
+from giva_fx.files import atomic_file
 from giva_fx.export._graph import MAX_IR_VERSION, require
 from giva_fx.export.ort_training import (CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, ArtifactsInfo,
                                          native_output_to_error)
