@@ -27,7 +27,7 @@ import transformers
 from timm.models.vision_transformer import VisionTransformer
 
 import giva_fx
-from giva_fx.export._files import atomic_file
+from giva_fx.files import atomic_file
 from giva_fx.export.peft_lora import peft_lora
 
 RESULTS = Path(__file__).parent / "results" / "adapter_size.md"

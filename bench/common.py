@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from giva_fx.export._files import atomic_file
+from giva_fx.files import atomic_file
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

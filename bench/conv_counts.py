@@ -21,7 +21,7 @@ import timm
 import torch
 
 import giva_fx
-from giva_fx.export._files import atomic_file
+from giva_fx.files import atomic_file
 
 MODELS = ("resnet18", "convnext_atto", "efficientnet_b0", "mobilenetv3_small_050", "vit_tiny_patch16_224")
 RESULTS = Path(__file__).parent / "results" / "conv_counts.md"

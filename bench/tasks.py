@@ -203,7 +203,7 @@ def pretrained_mlp(width: int) -> nn.Module:
     """A `DigitsMLP` pretrained briefly on upright digits, cached under bench/cache/."""
     from safetensors.torch import load_model, save_model
 
-    from giva_fx.export._files import atomic_file
+    from giva_fx.files import atomic_file
 
     path = CACHE / f"digits_mlp_w{width}_s{MLP_PRETRAIN_STEPS}.safetensors"
     torch.manual_seed(0)
