@@ -78,23 +78,34 @@ def set_training(gm: fx.GraphModule, training: bool) -> bool:
     return changed
 
 
-# composite ops that update running statistics although their schema does not mark them written
-_RUNNING_STATS = MappingProxyType({aten.batch_norm.default: ("running_mean", "running_var"),
-                                   aten.instance_norm.default: ("running_mean", "running_var")})
+# composite ops that update running statistics although their schema does not mark them written,
+# and where their flag for doing so is: (argument index, keyword name)
+_RUNNING_STATS = MappingProxyType({aten.batch_norm.default: (5, "training"),
+                                   aten.instance_norm.default: (5, "use_input_stats")})
+
+
+def written_inputs(node: fx.Node, *, as_trained: bool = True) -> list[fx.Node]:
+    """The inputs `node` writes in place: by its schema, plus batch norm's running statistics,
+    which it writes in the training form of the graph (`as_trained`) or if its flag now says so."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    if schema is None:
+        return []
+    flag = _RUNNING_STATS.get(node.target)
+    stats = flag is not None and (as_trained or _get(node, *flag) is True)
+    values = [*node.args, *(node.kwargs.get(a.name) for a in schema.arguments[len(node.args):])]
+    return [value for arg, value in zip(schema.arguments, values)
+            if isinstance(value, fx.Node) and ((arg.alias_info is not None and arg.alias_info.is_write)
+                                               or (stats and arg.name in ("running_mean", "running_var")))]
+
+
+def is_eval_noop(node: fx.Node) -> bool:
+    """True for batch norm's step counter in eval form, which adds 0: a node that can be dropped."""
+    spec = _mode_spec(node)
+    return spec is not None and node.target is aten.add_.Tensor and _get(node, *spec[:2]) == spec[2]
 
 
 def updated_buffers(gm: fx.GraphModule) -> list[str]:
     """Buffers the graph writes in place while training (batch-norm statistics): trained state."""
     buffers = {n for n, _ in gm.named_buffers()}
-    names: set[str] = set()
-    for node in gm.graph.nodes:
-        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
-        if schema is None:
-            continue
-        values = [*node.args, *(node.kwargs.get(a.name) for a in schema.arguments[len(node.args):])]
-        for arg, value in zip(schema.arguments, values):
-            written = (arg.alias_info is not None and arg.alias_info.is_write) or \
-                arg.name in _RUNNING_STATS.get(node.target, ())
-            if written and isinstance(value, fx.Node) and value.op == "get_attr" and value.target in buffers:
-                names.add(value.target)
-    return sorted(names)
+    return sorted({value.target for node in gm.graph.nodes for value in written_inputs(node)
+                   if value.op == "get_attr" and value.target in buffers})

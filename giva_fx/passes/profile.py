@@ -3,8 +3,10 @@
 Only the matched weights require grad while profiling, so nothing else keeps a `.grad`. A
 post-accumulate hook hands each weight's gradient to `on_gradient` as soon as it is final (during
 the last batch's backward) and drops it, so peak extra memory is about one weight gradient (plus,
-with several batches, the running sums). Profiling runs in eval mode (no dropout), so bases are
-deterministic; `profiling` restores modes and flags even when the loss raises.
+with several batches, the running sums). Batches run through `passes.recompute`'s copy of the
+graph, which keeps only block inputs for the backward, so activations do not dominate either.
+Profiling runs in eval mode (no dropout), so bases are deterministic; `profiling` restores modes
+and flags even when the loss raises.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from giva_fx.batches import Batch
 from giva_fx.errors import BatchError
 from giva_fx.loss import LossFn, batch_loss
 from giva_fx.passes.mode import set_training
+from giva_fx.passes.recompute import recomputed
 
 GradientSink = Callable[[str, "torch.Tensor | None"], None]
 
@@ -78,12 +81,13 @@ def profile(
                     p.grad = None
             return hook
 
+        runner = recomputed(gm, names)  # after `profiling` put the graph in eval form
         step = [0]
         handles = [p.register_post_accumulate_grad_hook(hook_for(n)) for n, p in params.items()]
         try:
             for step[0], batch in enumerate(tqdm(batches, desc="giva-fx: profiling gradients",
                                                  disable=not progress or len(batches) < 2, leave=False)):
-                loss = batch_loss(_run(gm, batch, step[0]), batch, loss_fn)
+                loss = batch_loss(_run(runner, batch, step[0]), batch, loss_fn)
                 if loss.requires_grad:  # else no matched weight reaches the loss: all get None
                     loss.backward()
                 losses.append(loss.item())
