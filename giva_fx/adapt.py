@@ -14,8 +14,8 @@ from torch import nn
 from giva_fx.adapters import ADAPTERS, make_adapter
 from giva_fx.batches import Batch, as_batches
 from giva_fx.capture import Captured, capture, signature_of
-from giva_fx.distributed import synchronized
-from giva_fx.errors import BatchError, CaptureError, ConfigError, MatchError
+from giva_fx.distributed import fail_together, synchronized
+from giva_fx.errors import BatchError, CaptureError, ConfigError, MatchError, warns_at_caller
 from giva_fx.loss import LossFn
 from giva_fx.model import AdaptReport, GivaModel
 from giva_fx.passes.bases import Bases, check_init, check_rank, check_seed, compute_bases
@@ -115,6 +115,7 @@ def _profile_bases(gm: fx.GraphModule, samples: list[Batch], ops: Sequence[Weigh
     return bases, losses, svd_s[0]
 
 
+@warns_at_caller
 def adapt(
     model: nn.Module,
     batches: Any,
@@ -149,18 +150,19 @@ def adapt(
         seed: seeds every random part of the bases (per op, independent of order and process).
         progress: show progress bars.
     """
-    config = AdaptConfig(rank=rank, init=init, targets=targets, exclude=exclude,
-                         kinds=kinds, train=train, seed=seed)
-    samples = as_batches(batches)
-    t0 = time.perf_counter()
-    captured = capture(model, samples[0])
-    for i, sample in enumerate(samples[1:], 1):
-        if signature_of(sample) != captured.signature:
-            raise BatchError(f"batch {i} has inputs {signature_of(sample)}, unlike batch 0 "
-                             f"{captured.signature}; every batch must call the model the same way")
-    t1 = time.perf_counter()
-    found = _select(captured.graph_module, captured.aliases, config)
-    full_train = train_fully(captured.graph_module, config.train)
+    with fail_together():  # under DDP, a failure here stops every rank at the preflight
+        config = AdaptConfig(rank=rank, init=init, targets=targets, exclude=exclude,
+                             kinds=kinds, train=train, seed=seed)
+        samples = as_batches(batches)
+        t0 = time.perf_counter()
+        captured = capture(model, samples[0])
+        for i, sample in enumerate(samples[1:], 1):
+            if signature_of(sample) != captured.signature:
+                raise BatchError(f"batch {i} has inputs {signature_of(sample)}, unlike batch 0 "
+                                 f"{captured.signature}; every batch must call the model the same way")
+        t1 = time.perf_counter()
+        found = _select(captured.graph_module, captured.aliases, config)
+        full_train = train_fully(captured.graph_module, config.train)
     bases, losses, svd_s = _profile_bases(captured.graph_module, samples, found.ops, config, loss_fn, progress)
     t2 = time.perf_counter()
     adapted = assemble(captured, found, bases, config, full_train, source=model)

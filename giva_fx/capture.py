@@ -14,7 +14,6 @@ import contextlib
 import inspect
 import logging
 import traceback
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from torch import nn
 from torch.export import Dim
 
 from giva_fx.batches import Batch
-from giva_fx.errors import BatchError, CaptureError
+from giva_fx.errors import BatchError, CaptureError, warn
 
 
 @dataclass(frozen=True)
@@ -126,8 +125,8 @@ def _warn_unused(model: nn.Module, ep: torch.export.ExportedProgram, batch: Batc
     unique = {k for k, v in batch.kwargs.items() if isinstance(v, torch.Tensor) and seen[id(v)] == 1}
     unused = [n.name for n in ep.graph.nodes if n.op == "placeholder" and n.name in unique and not n.users]
     if unused:
-        warnings.warn(f"{type(model).__name__} ignores batch input(s) {unused}: check their names against "
-                      f"{_takes(model)}", stacklevel=3)
+        warn(f"{type(model).__name__} ignores batch input(s) {unused}: check their names against "
+             f"{_takes(model)}", stacklevel=3)
 
 
 def _aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:

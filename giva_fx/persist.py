@@ -20,7 +20,6 @@ import dataclasses
 import glob
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from giva_fx.adapt import AdaptConfig, assemble, train_fully
 from giva_fx.batches import as_batches
 from giva_fx.capture import capture
 from giva_fx.distributed import on_rank_zero
-from giva_fx.errors import AdapterFileError, ConfigError
+from giva_fx.errors import AdapterFileError, ConfigError, warn, warns_at_caller
 from giva_fx.files import atomic_file
 from giva_fx.fingerprint import differences, dtype_name, fingerprint, tensor_digest
 from giva_fx.model import GivaModel
@@ -213,12 +212,13 @@ def _bases(meta: dict[str, Any], tensors: dict[str, torch.Tensor], op: WeightOp,
                                        "cannot regenerate it; the file is corrupt")
             found[key] = seeded[key]
             if tensor_digest(seeded[key].to(getattr(torch, e["dtype"]))) != digest:
-                warnings.warn(f"{op.weight_name}: basis {key} regenerated from the seed differs from the saved one "
-                              "in its last bits (another torch build?); outputs may differ at rounding level",
-                              stacklevel=3)
+                warn(f"{op.weight_name}: basis {key} regenerated from the seed differs from the saved one "
+                     "in its last bits (another torch build?); outputs may differ at rounding level",
+                     stacklevel=3)
     return Bases(found["A"], found["B"], e["init"])
 
 
+@warns_at_caller
 def load_adapter(model: torch.nn.Module, path: str | os.PathLike[str], sample_batch: Any, *,
                  strict: bool = True) -> GivaModel:
     """Rebuild the adapted model saved at `path` on top of `model`, without profiling.
@@ -254,10 +254,10 @@ def load_adapter(model: torch.nn.Module, path: str | os.PathLike[str], sample_ba
             f"trained on:{_listing({**unfit, **changed})}\nLoad it onto the model it was saved from, or pass "
             "strict=False to apply it wherever the shapes fit")
     if unfit:
-        warnings.warn(f"{path}: skipped what this model cannot take:{_listing(unfit)}", stacklevel=2)
+        warn(f"{path}: skipped what this model cannot take:{_listing(unfit)}", stacklevel=2)
     if changed:
-        warnings.warn(f"{path}: applied onto weights that differ from those it was trained on:{_listing(changed)}",
-                      stacklevel=2)
+        warn(f"{path}: applied onto weights that differ from those it was trained on:{_listing(changed)}",
+             stacklevel=2)
     kept = tuple(op for op in found.ops if op.weight_name in fits)
     extra = tuple(SkippedOp(op.weight_name, op.kind, op.nodes, "not in the adapter file")
                   for op in found.ops if op.weight_name not in meta["ops"])

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from giva_fx.errors import ExportError
+from giva_fx.errors import ExportError, warn
 from giva_fx.files import atomic_dir
 from giva_fx.model import GivaModel
 from giva_fx.passes.match import SkippedOp, WeightOp
@@ -123,8 +122,8 @@ def peft_lora(adapted: GivaModel, model: nn.Module, out_dir: str | os.PathLike[s
         payload = {k: tensors[k].contiguous() for k in sorted(tensors)}
         safetensors.torch.save_file(payload, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     if left_out:
-        warnings.warn(f"{Path(out_dir)}: PEFT LoRA cannot express "
-                      + "; ".join(f"{s.weight_name} ({s.reason})" for s in left_out), stacklevel=2)
+        warn(f"{Path(out_dir)}: PEFT LoRA cannot express "
+             + "; ".join(f"{s.weight_name} ({s.reason})" for s in left_out), stacklevel=2)
     return left_out
 
 

@@ -17,13 +17,12 @@ bases do not depend on the order ops are processed, on other code, or on the pro
 """
 from __future__ import annotations
 
-import warnings
 import zlib
 from dataclasses import dataclass
 
 import torch
 
-from giva_fx.errors import ConfigError
+from giva_fx.errors import ConfigError, warn
 
 INIT_MODES = ("Vr", "VrUr", "VrU2r", "VrUrand", "random")
 
@@ -82,8 +81,8 @@ def clamp_rank(rank: int, out_features: int, in_features: int, init: str, name: 
     """`rank`, lowered with a warning that names the op when the shape cannot hold it."""
     limit = max(1, max_rank(out_features, in_features, init))
     if rank > limit:
-        warnings.warn(f"{name}: rank {rank} clamped to {limit} (weight is {out_features}x{in_features}, init {init})",
-                      stacklevel=3)
+        warn(f"{name}: rank {rank} clamped to {limit} (weight is {out_features}x{in_features}, init {init})",
+             stacklevel=3)
         return limit
     return rank
 
@@ -145,14 +144,14 @@ def compute_bases(
     note = None
     if init == "VrU2r" and max_rank(out_features, in_features, init) == 0:  # a 1-row or 1-column weight
         note = f"VrU2r needs 2 singular vectors but a {out_features}x{in_features} weight has 1; used Vr"
-        warnings.warn(f"{name}: {note}", stacklevel=2)
+        warn(f"{name}: {note}", stacklevel=2)
         init = "Vr"
     rank = clamp_rank(rank, out_features, in_features, init, name)
     seed = op_seed(seed, name)
     problem = None if init == "random" else gradient_problem(grad)
     if init == "random" or problem is not None:
         if problem is not None:
-            warnings.warn(f"{name}: {problem}; using random bases instead of {init}", stacklevel=2)
+            warn(f"{name}: {problem}; using random bases instead of {init}", stacklevel=2)
         seeded = seeded_bases("random", out_features, in_features, rank, seed)
         return Bases(seeded["A"], seeded["B"], "random", None if problem is None else f"{problem}; fell back to random")
     g = grad.detach().to(torch.float32).reshape(out_features, in_features)
