@@ -5,7 +5,9 @@ When a process group of several ranks is initialised, `adapt()` profiles through
 1. **Preflight.** One all-gather compares, across ranks, the adapted ops, the options (rank, init,
    seed, ...) and an exact checksum of the model's weights and buffers, and sums the local batch
    counts. Ranks that would compute different bases stop at once with a `ConfigError` on every
-   rank (the loss function cannot be compared: pass the same one everywhere).
+   rank (the loss function cannot be compared: pass the same one everywhere). A rank that failed
+   before profiling (in its options, batches, capture or match: see `fail_together`) sends its
+   error instead, so the others raise `DistributedError` here rather than wait for it.
 2. **Gradients, in one fixed order.** The profile pass hands over each weight's gradient during the
    last backward (in backward order) or, for a weight the loss does not reach, as None after it.
    Gradients wait in a buffer until their turn in a fixed order (reverse graph order, which is
@@ -26,9 +28,9 @@ When a process group of several ranks is initialised, `adapt()` profiles through
 A rank that fails while profiling (its loss raises, say) joins the next collective of the fixed
 sequence with its failed flag set, so every rank stops at the same collective with a clear error
 (the failing rank's own exception; `DistributedError` naming it elsewhere) and no rank hangs or
-leaves a collective half done. A rank that dies outright surfaces as a backend error, reraised as
-`DistributedError`; one that fails before profiling (in capture) leaves the others waiting in the
-preflight until the process group's timeout (`init_process_group(timeout=...)`).
+leaves a collective half done. A rank that fails before profiling does the same at the preflight,
+so the others stop as soon as they get there themselves. A rank that dies outright surfaces as a
+backend error, reraised as `DistributedError`.
 
 Memory: like the single-process pass (about one extra gradient), plus the gradients that arrive
 out of the fixed order, plus a float32 copy of the gradient being reduced when the weight is not
@@ -63,6 +65,7 @@ from giva_fx.passes.profile import GradientSink
 log = logging.getLogger(__name__)
 
 _MESSAGE_BYTES = 2048  # room for each rank's failure message
+_PREFLIGHT_INTS = 3  # ops and options CRC, weights checksum, batch count
 
 
 class DistributedError(GivaError, RuntimeError):
@@ -79,6 +82,26 @@ def world() -> tuple[int, int] | None:
 def _flag_device() -> torch.device:
     """Where small control tensors live: NCCL takes only CUDA tensors."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _message_tensor(message: str, device: torch.device) -> torch.Tensor:
+    """`message` as a fixed-size, zero-padded uint8 tensor (cut at _MESSAGE_BYTES), to all-gather."""
+    data = list(message.encode()[:_MESSAGE_BYTES])
+    return torch.tensor(data + [0] * (_MESSAGE_BYTES - len(data)), dtype=torch.uint8, device=device)
+
+
+def _message_text(data: torch.Tensor) -> str:
+    return bytes(data.cpu().tolist()).rstrip(b"\0").decode(errors="replace")
+
+
+def _broken(rank: int, what: str, exc: RuntimeError) -> DistributedError:
+    """A backend error (the backends raise RuntimeError subclasses) as the error this rank raises."""
+    return DistributedError(f"rank {rank}: a collective of {what} failed ({str(exc).splitlines()[0]}); "
+                            "another rank probably exited: see its log")
 
 
 def on_rank_zero(action: Callable[[], None], what: str) -> None:
@@ -188,12 +211,9 @@ class _GradientSync:
         start = time.perf_counter()
         try:
             fn(*args)
-        except RuntimeError as exc:  # the backends raise RuntimeError subclasses
+        except RuntimeError as exc:
             self.stopped = True
-            raise DistributedError(
-                f"rank {self.rank}: a collective of gradient profiling failed ({str(exc).splitlines()[0]}); "
-                "another rank probably exited: see its log"
-            ) from exc
+            raise _broken(self.rank, "gradient profiling", exc) from exc
         finally:
             self.comm_s += time.perf_counter() - start
 
@@ -213,11 +233,10 @@ class _GradientSync:
 
     def _failures(self, message: str) -> dict[int, str]:
         """Every rank's failure message (empty for ranks that did not fail), by rank."""
-        data = list(message.encode()[:_MESSAGE_BYTES])
-        mine = torch.tensor(data + [0] * (_MESSAGE_BYTES - len(data)), dtype=torch.uint8, device=self.flag_device)
+        mine = _message_tensor(message, self.flag_device)
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         self._collective(dist.all_gather, gathered, mine)
-        texts = {r: bytes(t.cpu().tolist()).rstrip(b"\0").decode(errors="replace") for r, t in enumerate(gathered)}
+        texts = {r: _message_text(t) for r, t in enumerate(gathered)}
         return {r: m for r, m in texts.items() if m}
 
     def _reduce(self, op: WeightOp, grad: torch.Tensor | None) -> None:
@@ -238,7 +257,7 @@ class _GradientSync:
         if self.stopped:
             return
         try:
-            self._flags(reached=False, failure=f"{type(exc).__name__}: {exc}")
+            self._flags(reached=False, failure=_describe(exc))
         except DistributedError as broken:  # the caller re-raises the original failure
             log.warning("rank %d could not tell the other ranks it failed: %s", self.rank, broken)
 
@@ -267,17 +286,51 @@ class _GradientSync:
         return out
 
 
+def _exchange(values: Sequence[int], failure: str | None, rank: int, world_size: int,
+              device: torch.device) -> list[tuple[list[int], str]]:
+    """The preflight all-gather: this rank's description (`_PREFLIGHT_INTS` integers) or, for a
+    rank that failed before profiling, its error; returns every rank's (integers, error or "")."""
+    ints = torch.tensor(values, dtype=torch.int64).view(torch.uint8).to(device)
+    mine = torch.cat([ints, _message_tensor(failure or "", device)])
+    gathered = [torch.empty_like(mine) for _ in range(world_size)]
+    try:
+        dist.all_gather(gathered, mine)
+    except RuntimeError as exc:
+        raise _broken(rank, "the preflight", exc) from exc
+    return [(t[:ints.numel()].cpu().view(torch.int64).tolist(), _message_text(t[ints.numel():])) for t in gathered]
+
+
+@contextlib.contextmanager
+def fail_together() -> Iterator[None]:
+    """Run the stages before profiling; under torch.distributed, a rank that fails in them joins the
+    preflight with its error before re-raising it, so the other ranks stop there with a
+    `DistributedError` naming it instead of waiting until the process group times out. Free in a
+    single process: nothing runs unless the block raises."""
+    try:
+        yield
+    except Exception as exc:
+        here = world()
+        if here is not None:
+            try:
+                _exchange([0] * _PREFLIGHT_INTS, _describe(exc), *here, _flag_device())
+            except DistributedError as broken:  # the original failure is the one to raise
+                log.warning("rank %d could not tell the other ranks it failed: %s", here[0], broken)
+        raise
+
+
 def _preflight(gm: fx.GraphModule, ops: Sequence[WeightOp], config: object, n_batches: int,
                rank: int, world_size: int, device: torch.device) -> float:
-    """Check that every rank adapts the same ops of the same model with the same options;
-    return this rank's weight in the global average (its share of all batches)."""
+    """Check that every rank got here and adapts the same ops of the same model with the same
+    options; return this rank's weight in the global average (its share of all batches)."""
     described = json.dumps([repr(config), [(op.weight_name, op.kind, op.layout, list(op.weight_shape))
                                            for op in ops]])
     checksum = weights_checksum([*gm.parameters(), *gm.buffers()])
-    mine = torch.tensor([zlib.crc32(described.encode()), checksum, n_batches], dtype=torch.int64, device=device)
-    gathered = [torch.empty_like(mine) for _ in range(world_size)]
-    dist.all_gather(gathered, mine)
-    rows = [t.tolist() for t in gathered]
+    gathered = _exchange([zlib.crc32(described.encode()), checksum, n_batches], None, rank, world_size, device)
+    failures = "; ".join(f"rank {r}: {m}" for r, (_, m) in enumerate(gathered) if m)
+    if failures:
+        raise DistributedError(f"rank {rank} stopped before profiling gradients because another rank failed "
+                               f"({failures})")
+    rows = [values for values, _ in gathered]
     for r, (ops_crc, weights, _) in enumerate(rows):
         if ops_crc != rows[0][0]:
             raise ConfigError(

@@ -178,9 +178,24 @@ def _reseeded_mlp(rank: int) -> torch.nn.Module:
 
 
 def _failure_job(rank: int, out: Path) -> dict[str, Any]:
-    """Rank 1 fails in its loss on its second batch: first by raising, then by exiting outright."""
+    """Rank 1 fails before profiling (in capture, then in match), then in its loss on its second
+    batch: first by raising, then by exiting outright."""
     model, sample = CASES["functional_mlp"]()
     result: dict[str, Any] = {}
+    giva_fx.adapt(model, sample, rank=4, progress=False)  # the first capture is slow; this one also syncs ranks
+    for stage, bad in (("capture", {"batches": (torch.randn(8, 7), sample[1])}),  # 7 features, not 12
+                       ("match", {"targets": "no_such_weight*"})):
+        options = {"batches": sample, "rank": 4, "progress": False, **(bad if rank == 1 else {})}
+        if rank == 1:
+            (out / f"failed_at_{stage}").write_text(str(time.time()))
+        try:
+            giva_fx.adapt(model, **options)
+            result[stage] = {"error": None}
+        except Exception as exc:
+            result[stage] = {"error": type(exc).__name__, "message": str(exc), "at": time.time()}
+        total = torch.ones(1)  # every rank joined the same collectives: the group still works
+        dist.all_reduce(total)
+        result[stage]["group_after"] = total.item()
     for scenario in ("raises", "exits"):
         calls = [0]
 
@@ -326,6 +341,19 @@ def test_a_rank_that_raises_stops_every_rank_with_its_error(failed):
     failed_at = float((out / "failed_at_raises").read_text())
     assert survivor["raises"]["at"] - failed_at < FAIL_WITHIN_S
     assert survivor["group_after_failure"] == failing["group_after_failure"] == WORLD
+
+
+@pytest.mark.parametrize("stage, error, cause", [
+    ("capture", "CaptureError", "torch.export could not capture FunctionalMLP"),
+    ("match", "MatchError", "no op selected for adaptation (targets=('no_such_weight*',)"),
+])
+def test_a_rank_that_fails_before_profiling_stops_every_rank_at_the_preflight(failed, stage, error, cause):
+    (survivor, failing), out = failed
+    assert failing[stage]["error"] == error and failing[stage]["message"].startswith(cause)
+    assert survivor[stage]["error"] == DistributedError.__name__
+    assert f"rank 1: {error}: {cause}" in survivor[stage]["message"]
+    assert survivor[stage]["at"] - float((out / f"failed_at_{stage}").read_text()) < FAIL_WITHIN_S
+    assert survivor[stage]["group_after"] == failing[stage]["group_after"] == WORLD
 
 
 def test_a_failed_adapter_write_on_rank_0_raises_on_every_rank(failed):
