@@ -6,7 +6,7 @@
 """
 from giva_fx.adapt import AdaptConfig, adapt
 from giva_fx.errors import (AdapterFileError, BatchError, CaptureError, ConfigError, ExportError, GivaError,
-                            LossError, MatchError)
+                            GivaWarning, LossError, MatchError)
 from giva_fx.distributed import DistributedError
 from giva_fx.fingerprint import fingerprint
 from giva_fx.merge import merge, unmerge
@@ -20,6 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptConfig", "AdaptReport", "AdapterFileError", "BatchError", "CaptureError", "ConfigError", "DistributedError", "ExportError", "GivaError",
-    "GivaModel", "INIT_MODES", "LossError", "MatchError", "Summary", "adapt", "fingerprint", "load_adapter", "merge",
+    "GivaModel", "GivaWarning", "INIT_MODES", "LossError", "MatchError", "Summary", "adapt", "fingerprint", "load_adapter", "merge",
     "save_adapter", "summary", "trainable_parameters", "unmerge", "__version__",
 ]

@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from giva_fx.adapters import ADAPTERS
-from giva_fx.errors import ConfigError, GivaError
+from giva_fx.errors import ConfigError, GivaError, GivaWarning
 from giva_fx.specs import (DataFormat, DataOptions, LoadedModel, ModelOptions, SpecError, default_batch,
                            load_batches, load_model, parse_model_args, trainer_format)
 
@@ -56,7 +56,7 @@ class GivaCommand(click.Command):
 
         def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                  file: Any = None, line: str | None = None) -> None:
-            if verbose or "giva_fx" in filename:
+            if verbose or issubclass(category, GivaWarning):
                 click.echo(f"warning: {message}", err=True)
 
         with warnings.catch_warnings():
