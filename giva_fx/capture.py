@@ -17,6 +17,7 @@ import traceback
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.fx as fx
@@ -150,17 +151,24 @@ def _rewrap(gm: fx.GraphModule) -> None:
         module.register_buffer(attr, cloned.setdefault(id(b), b.detach().clone()))
 
 
+# logger -> the level it is held at during export: dims export specialises (expected with
+# all-dims-dynamic capture), and the full traceback fake tensors log for a failing op, which
+# `capture` reports itself in one line as a CaptureError
+_EXPORT_LOGS = MappingProxyType({"torch._export": logging.ERROR, "torch._subclasses.fake_tensor": logging.CRITICAL})
+
+
 @contextlib.contextmanager
 def _quiet_export_logs() -> Iterator[None]:
-    """torch.export logs a warning for every dim it specialises (e.g. 1 input channel): expected
-    with all-dims-dynamic capture, and noise to users."""
-    logger = logging.getLogger("torch._export")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Hold torch.export's noise (`_EXPORT_LOGS`) back from users while it runs."""
+    loggers = {logging.getLogger(name): level for name, level in _EXPORT_LOGS.items()}
+    before = {logger: logger.level for logger in loggers}
     try:
+        for logger, level in loggers.items():
+            logger.setLevel(level)
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in before.items():
+            logger.setLevel(level)
 
 
 def capture(model: nn.Module, batch: Batch) -> Captured:

@@ -5,6 +5,7 @@ user's model comes back exactly as it was (values, requires_grad flags, train/ev
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -261,3 +262,12 @@ def test_training_a_tied_parameter_fully_keeps_the_tie():
         giva_fx.merge(adapted, model)  # the user's tied embedding and head receive the one trained tensor
         assert model.lm_head.weight is model.transformer.wte.weight
         torch.testing.assert_close(model(**batch).logits, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_capture_is_one_error_not_a_logged_traceback(caplog):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    levels = {name: logging.getLogger(name).level for name in ("torch._export", "torch._subclasses.fake_tensor")}
+    with caplog.at_level(logging.DEBUG), pytest.raises(CaptureError, match="same reduction dim"):
+        giva_fx.adapt(model, (torch.randn(3, 5), torch.tensor([0, 1, 0])), progress=False)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert {name: logging.getLogger(name).level for name in levels} == levels
