@@ -1,32 +1,47 @@
 """Quality: pretrain-then-fine-tune on offline data, GiVA next to PEFT LoRA, LoRA-GA and VeRA.
 
-Protocol, per task: every method runs its learning-rate grid (`methods.LR_GRID`) with seed 0; the
-best learning rate (by the final metric) is then run with the other seeds, and the table reports
-mean and sample standard deviation over all seeds at that learning rate, after the same number of
-steps for every method, on the same data order per seed. Trainable parameters are counted from
-the parameters the optimizer gets (adapter vectors or matrices plus the task's head).
+Protocol, per task: every method searches its learning rate with seed 0 (`bench.search`: from the
+calibrated rate of its family below, one half-decade rung at a time, until the best is bracketed by
+worse rates or stands on the family's bound, `methods.LR_BOUNDS`); the best learning rate (by the
+final metric) is then run with the other seeds, and the table reports mean and sample standard
+deviation over all seeds at that learning rate, after the same number of steps for every method, on
+the same data order per seed. Trainable parameters are counted from the parameters the optimizer
+gets (adapter vectors or matrices plus the task's head). The metric is measured on the task's fixed
+evaluation set at the start and the end of each run; the curves show the training loss of every step.
 
     python -m bench --only quality [--quick]
 
-Writes `quality.md`, `quality_curves_<task>.png` (metric vs step at each method's best learning
-rate, mean over seeds) and `quality_vs_params.png`.
+Writes `quality.md`, `quality_curves_<task>.png` (training loss vs step at each method's best
+learning rate, mean over seeds) and `quality_vs_params.png`.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import command_line, header, markdown_table, mean_sd, results_dir, write
-from bench.methods import LR_GRID, Method
-from bench.runs import RunSpec, run_all
+from bench.methods import LR_BOUNDS, Method
+from bench.runs import Pool, RunSpec, estimated_s
+from bench.search import Search, rungs
 from bench.tasks import task as get_task
 
 INITS = ("Vr", "VrUr", "VrU2r", "VrUrand")
+
+#: where each family's search starts, per task: the best learning rate most methods of the family
+#: reached in the last full run with the fixed grids (bench/results/quality.md of 2026-12-04,
+#: `python -m bench --only quality`, grids 1e-2..1e-1, LoRA 1e-3..1e-2, full 1e-4..3e-3); a CNN family
+#: whose best was on the old grid's edge starts there
+CALIBRATED: dict[str, dict[str, float]] = {
+    "char_gpt2": {"giva": 3e-2, "random": 3e-2, "vera": 3e-2, "lora": 3e-3, "loraga": 3e-3, "head": 3e-2,
+                  "full": 3e-4},
+    "digits_vit": {"giva": 3e-2, "random": 3e-2, "vera": 3e-2, "lora": 3e-3, "loraga": 3e-3, "head": 3e-2,
+                   "full": 1e-3},
+    "digits_cnn": {"giva": 3e-2, "random": 1e-1, "lora": 3e-3, "head": 3e-2, "full": 1e-3},
+}
 
 
 def full_methods() -> list[Method]:
@@ -50,34 +65,54 @@ QUICK_METHODS = [Method("giva", 8, "Vr"), Method("random", 8), Method("vera", 64
 class Plan:
     tasks: dict[str, int]  # task -> steps
     seeds: int
-    eval_every: int
     quick: bool
+    eval_every: int | None = None  # None: evaluate at the start and the end only
 
     def methods(self, task: str) -> list[Method]:
         chosen = QUICK_METHODS if self.quick else CNN_METHODS if task == "digits_cnn" else full_methods()
         return [m for m in chosen if m.supported(get_task(task))]
 
-    def grid(self, method: Method) -> tuple[float, ...]:
-        grid = LR_GRID[method.family]
-        return grid[1:2] if self.quick else grid
+    def search(self, task: str, method: Method) -> Search:
+        """The quick run tries the calibrated learning rate only."""
+        start = CALIBRATED[task][method.family]
+        return Search((start,) if self.quick else rungs(*LR_BOUNDS[method.family]), start)
+
+    def spec(self, task: str, method: Method, lr: float, seed: int) -> RunSpec:
+        steps = self.tasks[task]
+        return RunSpec(task, method, lr, seed, steps, self.eval_every or steps)
+
+    def least_runs(self) -> list[RunSpec]:
+        """The runs every search makes at least: its first round, then the other seeds at its start."""
+        specs = []
+        for t in self.tasks:
+            for m in self.methods(t):
+                search = self.search(t, m)
+                specs += [self.spec(t, m, lr, 0) for lr in search.first()]
+                specs += [self.spec(t, m, search.start, seed) for seed in range(1, self.seeds)]
+        return specs
 
 
-FULL = Plan({"char_gpt2": 200, "digits_vit": 200, "digits_cnn": 150}, seeds=3, eval_every=25, quick=False)
-QUICK = Plan({"char_gpt2": 20, "digits_vit": 20}, seeds=1, eval_every=10, quick=True)
+FULL = Plan({"char_gpt2": 200, "digits_vit": 200, "digits_cnn": 150}, seeds=3, quick=False)
+QUICK = Plan({"char_gpt2": 20, "digits_vit": 20}, seeds=1, quick=True)
 
 
 @dataclass
 class Result:
-    """One method on one task: its sweep (seed 0) and its seeds at the best learning rate."""
+    """One method on one task: its search (seed 0, by learning rate) and its seeds at the best one."""
 
     task: str
     method: Method
-    sweep: dict[float, dict]
-    seeds: list[dict]
+    search: Search
+    sweep: dict[float, dict] = field(default_factory=dict)
+    seeds: list[dict] = field(default_factory=list)
 
     @property
     def best_lr(self) -> float:
-        return self.seeds[0]["lr"]
+        return self.search.best()
+
+    @property
+    def edge(self) -> bool:
+        return self.search.at_bound()
 
     @property
     def finals(self) -> list[float]:
@@ -92,29 +127,47 @@ class Result:
         return mean_sd(self.finals)
 
 
-def _best_lr(records: Sequence[dict], higher_is_better: bool) -> float:
-    ok = [r for r in records if not r["diverged"] and math.isfinite(r["final"])] or list(records)
-    return (max if higher_is_better else min)(ok, key=lambda r: r["final"])["lr"]
+def score(record: dict) -> float:
+    """Lower is better; a diverged run loses to every finished one."""
+    if record["diverged"] or not math.isfinite(record["final"]):
+        return math.inf
+    return record["final"] if not get_task(record["task"]).higher_is_better else -record["final"]
 
 
-def run_plan(plan: Plan, jobs: int, reuse: bool) -> list[Result]:
-    """Phase 1: every grid point with seed 0. Phase 2: the other seeds at each best learning rate."""
-    sweep_specs = [RunSpec(t, m, lr, 0, steps, plan.eval_every)
-                   for t, steps in plan.tasks.items() for m in plan.methods(t) for lr in plan.grid(m)]
-    print(f"quality: {len(sweep_specs)} sweep runs", flush=True)
-    sweep = run_all(sweep_specs, jobs=jobs, reuse=reuse)
-    by_method: dict[tuple[str, Method], dict[float, dict]] = defaultdict(dict)
-    for r in sweep:
-        by_method[(r["task"], r["method"])][r["lr"]] = r
-    best = {k: _best_lr(list(v.values()), get_task(k[0]).higher_is_better) for k, v in by_method.items()}
-    seed_specs = [RunSpec(t, m, best[(t, m)], s, plan.tasks[t], plan.eval_every)
-                  for (t, m) in by_method for s in range(1, plan.seeds)]
-    print(f"quality: {len(seed_specs)} seed runs at the best learning rates", flush=True)
-    seeded = run_all(seed_specs, jobs=jobs, reuse=reuse)
-    extra: dict[tuple[str, Method], list[dict]] = defaultdict(list)
-    for r in seeded:
-        extra[(r["task"], r["method"])].append(r)
-    return [Result(t, m, runs, [runs[best[(t, m)]], *extra[(t, m)]]) for (t, m), runs in by_method.items()]
+def _tune_then_seed(plan: Plan, pool: Pool, result: Result) -> None:
+    """Submit the search's runs round by round, then the other seeds at its best learning rate."""
+    task, method, search = result.task, result.method, result.search
+
+    def submit_round(lrs: list[float]) -> None:
+        pending = set(lrs)
+
+        def on_record(record: dict) -> None:
+            result.sweep[record["lr"]] = record
+            search.add(record["lr"], [score(record)])
+            pending.discard(record["lr"])
+            if pending:
+                return
+            if more := search.next():
+                submit_round(more)
+                return
+            result.seeds.append(result.sweep[search.best()])
+            for seed in range(1, plan.seeds):
+                pool.submit(plan.spec(task, method, search.best(), seed), result.seeds.append)
+
+        for lr in lrs:
+            pool.submit(plan.spec(task, method, lr, 0), on_record)
+
+    submit_round(search.first())
+
+
+def run_plan(plan: Plan, pool: Pool) -> list[Result]:
+    results = [Result(t, m, plan.search(t, m)) for t in plan.tasks for m in plan.methods(t)]
+    for result in results:
+        _tune_then_seed(plan, pool, result)
+    pool.run()
+    for r in results:
+        r.seeds.sort(key=lambda record: record["seed"])
+    return results
 
 
 # ----------------------------------------------------------------------------------- verdicts --
@@ -186,20 +239,25 @@ def table(results: Sequence[Result], task: str) -> str:
     rows = []
     for r in [r for r in results if r.task == task]:
         m, s = r.mean_sd
-        grid = sorted(r.sweep)
         sweep = ", ".join(f"{lr:g}: {'div' if r.sweep[lr]['diverged'] else _fmt(r.sweep[lr]['final'], task)}"
-                          for lr in grid)
-        edge = " (edge)" if len(grid) > 1 and r.best_lr in (grid[0], grid[-1]) else ""
-        rows.append([r.method.name, f"{r.trainable:,}", f"{r.best_lr:g}{edge}",
+                          for lr in sorted(r.sweep))
+        rows.append([r.method.name, f"{r.trainable:,}", f"{r.best_lr:g}{' (edge)' if r.edge else ''}",
                      f"{_fmt(m, task)} ± {_fmt_diff(s, task)}", len(r.finals), sweep])
     return markdown_table(["method", "trainable", "best lr", f"{t.metric} (mean ± sd)", "seeds",
-                           "lr sweep, seed 0"], rows)
+                           "learning rates tried, seed 0"], rows)
+
+
+SMOOTH = 10  # steps in the moving average of the plotted training loss
 
 
 def _curves(result: Result) -> tuple[list[int], list[float]]:
-    steps = [s for s, _ in result.seeds[0]["curve"]]
-    values = [[v for _, v in r["curve"]] for r in result.seeds if len(r["curve"]) == len(steps)]
-    return steps, [sum(col) / len(col) for col in zip(*values)]
+    """The training loss at each step, mean over the seeds that ran to the end, moving average."""
+    steps = result.seeds[0]["steps"]
+    runs = [r["train_loss"] for r in result.seeds if len(r["train_loss"]) == steps] or [result.seeds[0]["train_loss"]]
+    mean = [sum(col) / len(col) for col in zip(*runs)]
+    window = max(1, min(SMOOTH, len(mean) // 4))
+    smooth = [sum(mean[i - window:i]) / window for i in range(window, len(mean) + 1)]
+    return list(range(window, len(mean) + 1)), smooth
 
 
 STYLE = {"giva": ("tab:blue", "-"), "random": ("tab:cyan", "--"), "vera": ("tab:orange", "--"),
@@ -223,7 +281,7 @@ def plot(results: Sequence[Result], out: Path) -> list[Path]:
             ax.plot(steps, values, ls, color=color, alpha=0.45 + 0.55 * (r.method.rank in (0, 8)),
                     lw=1.2, label=f"{r.method.name} (lr {r.best_lr:g})")
         ax.set_xlabel("step")
-        ax.set_ylabel(t.metric + " (mean over seeds)")
+        ax.set_ylabel(f"training loss (mean over seeds, moving average of {SMOOTH} steps)")
         ax.set_title(t.title)
         ax.legend(fontsize=6, ncol=2)
         ax.grid(alpha=0.3)
@@ -257,21 +315,34 @@ def plot(results: Sequence[Result], out: Path) -> list[Path]:
 
 
 def report(results: Sequence[Result], plan: Plan, load: tuple[float, float, float], wall_s: float,
-           reuse: bool) -> str:
+           pool: Pool) -> str:
+    runs = f"{pool.computed} training runs" + (f", {pool.reused} stored ones reused (--reuse)" if pool.reused else "")
+    search = ("the calibrated learning rate of its family only (quick run)" if plan.quick else
+              "the best learning rate of its search (seed 0: from its family's calibrated rate, one "
+              "half-decade rung outward at a time until the best is bracketed by worse rates; `(edge)` marks a "
+              "best on the family's bound, beyond which nothing was tried)")
     parts = [header("Quality: GiVA vs PEFT LoRA, LoRA-GA and VeRA after equal steps", command_line(), load, 1), (
-        f"Each method at the best learning rate of its grid (seed 0 sweep shown; `(edge)` marks a best "
-        f"learning rate at the grid's edge), then {plan.seeds} seeds there; every method sees the same data "
+        f"Each method at {search}, then {plan.seeds} seed(s) there; every method sees the same data "
         "order per seed and adapts the same ops (all attention and MLP linears of every block; for the CNN "
         "every conv and the hidden head linear), and trains the task's head where it has one. AdamW, no "
         "weight decay, warm-up over 5% of steps then constant, gradient norm clipped to 1; gradient inits "
-        f"(giva, LoRA-GA) profile the same 4 batches. Wall time {wall_s / 60:.1f} min{' (stored runs reused: see --reuse)' if reuse else ''}.\n")]
+        "(giva, LoRA-GA) profile the same 4 batches. The metric is taken on the task's fixed evaluation set "
+        f"after the last step. Wall time {wall_s / 60:.1f} min, {runs}.\n")]
     for task, steps in plan.tasks.items():
         t = get_task(task)
+        before = next(r.seeds[0]["curve"][0][1] for r in results if r.task == task)
         parts += [f"## {t.title} ({steps} steps, {t.metric}, {'higher' if t.higher_is_better else 'lower'} is better)",
-                  "", table(results, task), "", *(f"- {v}" for v in verdicts(results, task)), "",
+                  "", f"Pretrained base before fine-tuning: {_fmt(before, task)}.", "",
+                  table(results, task), "", *(f"- {v}" for v in verdicts(results, task)), "",
                   f"![curves](quality_curves_{task}.png)", ""]
     parts += ["![quality vs trainable parameters](quality_vs_params.png)", ""]
     return "\n".join(parts)
+
+
+def estimate(plan: Plan) -> tuple[int, float]:
+    """(the fewest training runs the plan makes, their estimated seconds on one quiet core)."""
+    specs = plan.least_runs()
+    return len(specs), sum(estimated_s(spec) for spec in specs)
 
 
 def main(quick: bool, jobs: int, reuse: bool) -> Path:
@@ -279,10 +350,11 @@ def main(quick: bool, jobs: int, reuse: bool) -> Path:
     load, start = os.getloadavg(), time.perf_counter()
     for name in plan.tasks:
         get_task(name).ensure_base()
-    results = run_plan(plan, jobs, reuse)
+    pool = Pool(jobs, reuse=reuse)
+    results = run_plan(plan, pool)
     out = results_dir(quick)
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out)
     path = out / "quality.md"
-    write(path, report(results, plan, load, time.perf_counter() - start, reuse))
+    write(path, report(results, plan, load, time.perf_counter() - start, pool))
     return path

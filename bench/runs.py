@@ -11,12 +11,14 @@ many run beside it, only its wall time does.
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import json
 import math
 import os
 import time
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 from bench.common import CACHE, quiet, write
-from bench.methods import Method, build
+from bench.methods import Method, build, relative_step_cost
 from bench.tasks import task as get_task
 
 RUN_FORMAT = 1  # bump when the training loop changes, so cached records are not reused
@@ -102,28 +104,81 @@ def _from_json(record: dict) -> dict:
     return {**record, "method": Method(**record["method"])}
 
 
-def run_all(specs: Sequence[RunSpec], *, jobs: int, reuse: bool, log: bool = True) -> list[dict]:
-    """Records for `specs` (in order), computed `jobs` at a time; `reuse` takes stored records."""
-    records: dict[int, dict] = {}
-    todo = []
-    for i, spec in enumerate(specs):
-        path = _cached(spec)
-        if reuse and path.exists():
-            records[i] = _from_json(json.loads(path.read_text()))
+def estimated_s(spec: RunSpec) -> float:
+    """Roughly how long `spec` takes on one quiet core (its steps, evaluations and build), from the
+    task's measured step time: it orders the pool (longest first) and feeds the plan line."""
+    t = get_task(spec.task)
+    evaluations = spec.steps // spec.eval_every + 1  # the first and every eval_every-th step
+    return spec.steps * t.step_s * relative_step_cost(spec.method) + evaluations * t.eval_s + t.build_s
+
+
+class Pool:
+    """Training runs in `jobs` worker processes (one torch thread each), longest first.
+
+    `submit(spec, then)` queues a run and calls `then(record)` in this process once it is done, so a
+    callback can submit the runs that depend on it (the next learning rate of a search, the other
+    seeds at the best one) while the workers stay busy with the rest. A spec submitted twice runs
+    once; with `reuse`, a record stored by an earlier run with the same settings is taken as is."""
+
+    def __init__(self, jobs: int, *, reuse: bool, log: bool = True) -> None:
+        self.jobs, self.reuse, self.log = max(1, jobs), reuse, log
+        self.done: dict[str, dict] = {}
+        self.waiting: dict[str, list[Callable[[dict], None]]] = {}
+        self.queue: list[tuple[float, int, RunSpec]] = []  # heap: longest first, then first submitted
+        self.ready: list[tuple[Callable[[dict], None], dict]] = []
+        self.computed = self.reused = 0
+        self._order = itertools.count()
+
+    def submit(self, spec: RunSpec, then: Callable[[dict], None]) -> None:
+        key = spec.key()
+        if key in self.done:
+            self.ready.append((then, self.done[key]))
+        elif key in self.waiting:
+            self.waiting[key].append(then)
+        elif self.reuse and (path := _cached(spec)).exists():
+            self.done[key] = _from_json(json.loads(path.read_text()))
+            self.reused += 1
+            self.ready.append((then, self.done[key]))
         else:
-            todo.append(i)
-    start = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=get_context("spawn"),
-                             initializer=_worker_init) as pool:
-        futures = {pool.submit(_run_and_store, specs[i]): i for i in todo}
-        for done, future in enumerate(futures, 1):
-            i = futures[future]
-            records[i] = _from_json(future.result())
-            if log:
-                r = records[i]
-                print(f"  [{done}/{len(todo)} {time.perf_counter() - start:6.0f}s] {r['task']} {r['method_name']} "
-                      f"lr={r['lr']:g} seed={r['seed']}: {r['final']:.4f}", flush=True)
-    return [records[i] for i in range(len(specs))]
+            self.waiting[key] = [then]
+            heapq.heappush(self.queue, (-estimated_s(spec), next(self._order), spec))
+
+    def run(self) -> None:
+        """Until no run is queued or running (callbacks included)."""
+        start = time.perf_counter()
+        running: dict[Future, RunSpec] = {}
+        executor: ProcessPoolExecutor | None = None
+        try:
+            while True:
+                while self.ready:
+                    then, record = self.ready.pop(0)
+                    then(record)
+                while self.queue and len(running) < self.jobs:
+                    if executor is None:
+                        executor = ProcessPoolExecutor(max_workers=self.jobs, mp_context=get_context("spawn"),
+                                                       initializer=_worker_init)
+                    spec = heapq.heappop(self.queue)[2]
+                    running[executor.submit(_run_and_store, spec)] = spec
+                if not running:
+                    if self.ready:
+                        continue
+                    return
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    spec = running.pop(future)
+                    record = _from_json(future.result())
+                    key = spec.key()
+                    self.done[key] = record
+                    self.computed += 1
+                    self.ready += [(then, record) for then in self.waiting.pop(key)]
+                    if self.log:
+                        print(f"  [{self.computed} run, {len(self.queue) + len(running)} queued "
+                              f"{time.perf_counter() - start:5.0f}s] {spec.task} {spec.method.name} "
+                              f"lr={spec.lr:g} seed={spec.seed}: {record['final']:.4f} "
+                              f"({record['build_s'] + record['train_s']:.0f}s)", flush=True)
+        finally:
+            if executor is not None:
+                executor.shutdown(cancel_futures=True)
 
 
 def default_jobs() -> int:

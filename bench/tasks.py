@@ -58,6 +58,11 @@ class Task:
     loss: Callable[[nn.Module, Batch], torch.Tensor]
     evaluate: Callable[[nn.Module], dict[str, float]]  # "metric" plus extras
     asset: str | None = None  # the examples/pretrain.py base this task loads
+    # seconds of one GiVA r=8 training step, one evaluation and one build on one quiet core (measured
+    # with OMP_NUM_THREADS=1, load average < 1.6): for scheduling and the time estimate only
+    step_s: float = 0.0
+    eval_s: float = 0.0
+    build_s: float = 0.0
 
     def ensure_base(self) -> None:
         """Pretrain the base with examples/pretrain.py when it is not there yet."""
@@ -116,6 +121,7 @@ CHAR_GPT2 = Task(
     fan_in_fan_out=True, peft_vera=True, peft_loraga=True,
     base=lambda: example_models.load_base("char_gpt2", ASSETS),
     batches=_lm_batches, profile_batches=_lm_profile, loss=_lm_loss, evaluate=_lm_evaluate, asset="char_gpt2",
+    step_s=0.054, eval_s=0.19, build_s=0.5,
 )
 
 # --------------------------------------------------------------------------------------- digits --
@@ -153,13 +159,13 @@ def _digits_evaluate(model: nn.Module) -> dict[str, float]:
 
 
 def _digits_task(name: str, title: str, giva_targets: tuple[str, ...], peft_targets: str | tuple[str, ...],
-                 head: str, vera: bool, base: Callable[[], nn.Module]) -> Task:
+                 head: str, vera: bool, base: Callable[[], nn.Module], step_s: float, eval_s: float) -> Task:
     return Task(
         name=name, title=title, metric="test accuracy", higher_is_better=True,
         giva_targets=giva_targets, peft_targets=peft_targets, head=(head,), floor=(f"{head}.*",),
         fan_in_fan_out=False, peft_vera=vera, peft_loraga=vera, base=base,
         batches=_digits_batches, profile_batches=_digits_profile, loss=_digits_loss, evaluate=_digits_evaluate,
-        asset=name,
+        asset=name, step_s=step_s, eval_s=eval_s, build_s=0.2,
     )
 
 
@@ -167,12 +173,12 @@ DIGITS_VIT = _digits_task(
     "digits_vit", "digits ViT: upright -> rotated 90 degrees",
     ("blocks.*.attn.qkv.weight", "blocks.*.attn.proj.weight", "blocks.*.mlp.fc1.weight", "blocks.*.mlp.fc2.weight"),
     r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))", "head", True,
-    lambda: example_models.load_base("digits_vit", ASSETS))
+    lambda: example_models.load_base("digits_vit", ASSETS), step_s=0.016, eval_s=0.09)
 
 DIGITS_CNN = _digits_task(
     "digits_cnn", "digits CNN: upright -> rotated 90 degrees",
     ("features.*.weight", "head.1.weight"), r"features\.(0|3|7)|head\.1", "head.3", False,
-    lambda: example_models.load_base("digits_cnn", ASSETS))
+    lambda: example_models.load_base("digits_cnn", ASSETS), step_s=0.0085, eval_s=0.05)
 
 
 # --------------------------------------------------------------------------- width sweep (MLPs) --
@@ -234,6 +240,7 @@ def digits_mlp(width: int) -> Task:
         head=(), floor=("head.*",), fan_in_fan_out=False, peft_vera=True, peft_loraga=True,
         base=lambda: pretrained_mlp(width), batches=_digits_batches, profile_batches=_digits_profile,
         loss=_digits_loss, evaluate=_digits_evaluate,
+        step_s=2e-3 + 1.1e-8 * width**2, eval_s=1e-3 + 3.8e-8 * width**2, build_s=0.1,
     )
 
 

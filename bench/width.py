@@ -3,9 +3,11 @@
 Shallow residual MLPs of width 64, 256 and 768 are pretrained briefly on upright digits (cached
 under bench/cache/) and fine-tuned on the rotated digits with the head frozen, so only the
 adapters (on the embedding and every block linear) adapt. Each of GiVA (Vr, r=8), giva-fx random
-bases (r=8) and PEFT VeRA (r=64) runs a learning-rate grid with every seed; the gap in test loss
-(cross-entropy) is read at two step counts, at the lowest learning rate of the grid ("low") and at
-each method's best learning rate for that step count ("tuned").
+bases (r=8) and PEFT VeRA (r=64) runs at a low learning rate (1e-3) with every seed, and searches
+its tuned learning rate with seed 0 (`bench.search`, from the calibrated rate below, until the best
+test loss at both step counts is bracketed) and then runs every seed at the best for each step
+count. The gap in test loss (cross-entropy) is read at two step counts, at the low learning rate
+("low") and at each method's best learning rate for that step count ("tuned").
 
     python -m bench --only width [--quick]
 """
@@ -14,30 +16,56 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import command_line, header, markdown_table, mean_sd, results_dir, write
-from bench.methods import Method
-from bench.runs import RunSpec, run_all
+from bench.methods import LR_BOUNDS, Method
+from bench.runs import Pool, RunSpec, estimated_s
+from bench.search import Search, rungs
 from bench.tasks import MLP_PRETRAIN_STEPS, pretrained_mlp
 
 GIVA, RANDOM, VERA = Method("giva", 8, "Vr"), Method("random", 8), Method("vera", 64)
+METHODS = (GIVA, RANDOM, VERA)
+LOW = 1e-3
+#: where each search starts: the tuned best of every width in the last full run with a fixed grid
+#: (bench/results/width_sweep.md of 2026-12-04, `python -m bench --only width`, grid 1e-3..3e-1)
+CALIBRATED = {"giva": 1e-1, "random": 1e-1, "vera": 3e-2}
 
 
 @dataclass(frozen=True)
 class Sweep:
     widths: tuple[int, ...]
-    grid: tuple[float, ...]
     seeds: int
     checkpoints: tuple[int, ...]  # the last is the run length
-    eval_every: int
+    eval_every: int  # divides every checkpoint
+    quick: bool
+
+    def search(self, method: Method) -> Search:
+        """The quick run tries the low and the calibrated learning rate only."""
+        start = CALIBRATED[method.family]
+        return Search((LOW, start) if self.quick else rungs(*LR_BOUNDS[method.family]), start)
+
+    def spec(self, width: int, method: Method, lr: float, seed: int) -> RunSpec:
+        return RunSpec(f"digits_mlp_w{width}", method, lr, seed, self.checkpoints[-1], self.eval_every)
+
+    def least_runs(self) -> list[RunSpec]:
+        """The runs every (width, method) makes at least: the low rate with every seed, the search's
+        first round, every seed at its start."""
+        specs = {}
+        for w in self.widths:
+            for m in METHODS:
+                search = self.search(m)
+                for spec in ([self.spec(w, m, LOW, s) for s in range(self.seeds)]
+                             + [self.spec(w, m, lr, 0) for lr in search.first()]
+                             + [self.spec(w, m, search.start, s) for s in range(self.seeds)]):
+                    specs[spec.key()] = spec
+        return list(specs.values())
 
 
-FULL = Sweep((64, 256, 768), (1e-3, 1e-2, 3e-2, 1e-1, 3e-1), seeds=3, checkpoints=(150, 450), eval_every=25)
-QUICK = Sweep((64, 256), (1e-3, 3e-2), seeds=1, checkpoints=(20, 60), eval_every=20)
+FULL = Sweep((64, 256, 768), seeds=3, checkpoints=(150, 450), eval_every=150, quick=False)
+QUICK = Sweep((64, 256), seeds=1, checkpoints=(20, 60), eval_every=20, quick=True)
 
 
 def _at(record: dict, step: int, key: str = "curve_loss") -> float:
@@ -57,22 +85,57 @@ class Cell:
         return mean_sd(self.losses)
 
 
-def cells(records: Sequence[dict], sweep: Sweep) -> dict[tuple[int, Method, float, int], Cell]:
-    grouped: dict[tuple[int, Method, float, int], Cell] = defaultdict(lambda: Cell([], []))
-    for r in records:
-        width = int(r["task"].removeprefix("digits_mlp_w"))
-        for step in sweep.checkpoints:
-            cell = grouped[(width, r["method"], r["lr"], step)]
-            cell.losses.append(_at(r, step))
-            cell.accs.append(_at(r, step, "curve"))
-    return grouped
+@dataclass
+class Tuning:
+    """One method at one width: its search (seed 0) and every run, by (learning rate, seed)."""
+
+    width: int
+    method: Method
+    search: Search
+    runs: dict[tuple[float, int], dict] = field(default_factory=dict)
+
+    def cell(self, lr: float, step: int) -> Cell:
+        records = [r for (r_lr, _), r in sorted(self.runs.items()) if r_lr == lr]
+        return Cell([_at(r, step) for r in records], [_at(r, step, "curve") for r in records])
 
 
-def _pick(table: dict, width: int, method: Method, step: int, regime: str, sweep: Sweep) -> tuple[float, Cell]:
-    if regime == "low":
-        return sweep.grid[0], table[(width, method, sweep.grid[0], step)]
-    lr = min(sweep.grid, key=lambda lr: table[(width, method, lr, step)].loss[0])
-    return lr, table[(width, method, lr, step)]
+def _tune(sweep: Sweep, pool: Pool, tuning: Tuning) -> None:
+    """Every seed at the low rate; the search round by round; then every seed at each best."""
+    w, m, search = tuning.width, tuning.method, tuning.search
+
+    def keep(record: dict) -> None:
+        tuning.runs[(record["lr"], record["seed"])] = record
+
+    def submit_round(lrs: list[float]) -> None:
+        pending = set(lrs)
+
+        def on_record(record: dict) -> None:
+            keep(record)
+            search.add(record["lr"], [_at(record, step) for step in sweep.checkpoints])
+            pending.discard(record["lr"])
+            if pending:
+                return
+            if more := search.next():
+                submit_round(more)
+                return
+            for lr in search.bests():
+                for seed in range(1, sweep.seeds):
+                    pool.submit(sweep.spec(w, m, lr, seed), keep)
+
+        for lr in lrs:
+            pool.submit(sweep.spec(w, m, lr, 0), on_record)
+
+    for seed in range(sweep.seeds):
+        pool.submit(sweep.spec(w, m, LOW, seed), keep)
+    submit_round(search.first())
+
+
+def run_sweep(sweep: Sweep, pool: Pool) -> list[Tuning]:
+    tunings = [Tuning(w, m, sweep.search(m)) for w in sweep.widths for m in METHODS]
+    for tuning in tunings:
+        _tune(sweep, pool, tuning)
+    pool.run()
+    return tunings
 
 
 def _gap(a: Cell, b: Cell) -> tuple[float, float]:
@@ -81,13 +144,14 @@ def _gap(a: Cell, b: Cell) -> tuple[float, float]:
     return mb - ma, math.sqrt(sa**2 / len(a.losses) + sb**2 / len(b.losses))
 
 
-def analyse(records: Sequence[dict], sweep: Sweep) -> list[dict]:
-    table = cells(records, sweep)
+def analyse(tunings: Sequence[Tuning], sweep: Sweep) -> list[dict]:
     rows = []
     for width in sweep.widths:
+        mine = {t.method: t for t in tunings if t.width == width}
         for regime in ("low", "tuned"):
-            for step in sweep.checkpoints:
-                picked = {m: _pick(table, width, m, step, regime, sweep) for m in (GIVA, RANDOM, VERA)}
+            for i, step in enumerate(sweep.checkpoints):
+                lrs = {m: LOW if regime == "low" else mine[m].search.best(i) for m in METHODS}
+                picked = {m: (lrs[m], mine[m].cell(lrs[m], step)) for m in METHODS}
                 rows.append({"width": width, "regime": regime, "step": step, "picked": picked,
                              "vs_random": _gap(picked[GIVA][1], picked[RANDOM][1]),
                              "vs_vera": _gap(picked[GIVA][1], picked[VERA][1])})
@@ -138,37 +202,56 @@ def plot(rows: Sequence[dict], sweep: Sweep, path: Path) -> None:
     plt.close(fig)
 
 
-def report(rows: Sequence[dict], sweep: Sweep, load: tuple[float, float, float], wall_s: float,
-           reuse: bool) -> str:
+def _fmt_search(tuning: Tuning, sweep: Sweep) -> str:
+    search = tuning.search
+    tried = ", ".join(f"{lr:g}: " + "/".join(f"{v:.3f}" for v in search.scores[lr]) for lr in sorted(search.scores))
+    edges = [] if sweep.quick else [str(step) for i, step in enumerate(sweep.checkpoints) if search.at_bound(i)]
+    return tried + (f" (best on the bound at step {', '.join(edges)})" if edges else "")
+
+
+def report(rows: Sequence[dict], tunings: Sequence[Tuning], sweep: Sweep, load: tuple[float, float, float],
+           wall_s: float, pool: Pool) -> str:
     head = ["width", "lr", "step", "GiVA Vr r=8", "random r=8", "VeRA r=64", "random - GiVA", "VeRA - GiVA"]
     body = [[r["width"], r["regime"], r["step"],
-             *(_fmt_cell(*r["picked"][m]) for m in (GIVA, RANDOM, VERA)),
+             *(_fmt_cell(*r["picked"][m]) for m in METHODS),
              _fmt_gap(r["vs_random"]), _fmt_gap(r["vs_vera"])] for r in rows]
+    searches = [[t.width, t.method.name, _fmt_search(t, sweep)] for t in tunings]
+    runs = f"{pool.computed} training runs" + (f", {pool.reused} stored ones reused (--reuse)" if pool.reused else "")
+    tuned = ("the calibrated learning rate (quick run: no search)" if sweep.quick else
+             "each method's best learning rate for that step count, from a seed-0 search (from a calibrated "
+             "rate, one half-decade rung outward at a time until the best at both step counts is bracketed "
+             "by worse rates or stands on the bound, 1e-3..1), then every seed there")
+    checkpoints = "/".join(str(c) for c in sweep.checkpoints)
     return "\n".join([
         header("Width sweep: gradient bases vs random bases and VeRA at 8x rank", command_line(), load, 1),
-        f"Residual MLPs (embedding + 2 blocks of width x width linears) pretrained {MLP_PRETRAIN_STEPS} steps on upright digits, "
-        f"fine-tuned on digits turned by 90 degrees with the head frozen; adapters on the embedding and every "
-        f"block linear. Test loss (cross-entropy; accuracy in brackets), mean ± sd over {sweep.seeds} seeds; "
-        f"learning-rate grid {list(sweep.grid)} for every method with every seed. `low`: the grid's lowest "
-        f"learning rate; `tuned`: each method's best for that step count. Gaps: the other method's loss minus "
-        f"GiVA's ± standard error; 'tie' within 2 standard errors. Wall time {wall_s / 60:.1f} min{' (stored runs reused: see --reuse)' if reuse else ''}.",
-        "", markdown_table(head, body), "", "![width sweep](width_sweep.png)", ""])
+        f"Residual MLPs (embedding + 2 blocks of width x width linears) pretrained {MLP_PRETRAIN_STEPS} steps on "
+        f"upright digits, fine-tuned on digits turned by 90 degrees with the head frozen; adapters on the "
+        f"embedding and every block linear. Test loss (cross-entropy; accuracy in brackets), mean ± sd over "
+        f"{sweep.seeds} seeds. `low`: learning rate {LOW:g} for every method; `tuned`: {tuned}. Gaps: the other "
+        f"method's loss minus GiVA's ± standard error; 'tie' within 2 standard errors. Wall time "
+        f"{wall_s / 60:.1f} min, {runs}.",
+        "", markdown_table(head, body), "", "![width sweep](width_sweep.png)", "",
+        f"Learning rates tried (seed 0; test loss after {checkpoints} steps):", "",
+        markdown_table(["width", "method", "learning rate: loss"], searches), ""])
+
+
+def estimate(sweep: Sweep) -> tuple[int, float]:
+    """(the fewest training runs the sweep makes, their estimated seconds on one quiet core)."""
+    specs = sweep.least_runs()
+    return len(specs), sum(estimated_s(spec) for spec in specs)
 
 
 def main(quick: bool, jobs: int, reuse: bool) -> Path:
     sweep = QUICK if quick else FULL
     load, start = os.getloadavg(), time.perf_counter()
-    for width in sweep.widths:  # pretrain (or load) once, before the pool forks its runs
+    for width in sweep.widths:  # pretrain (or load) once, before the pool starts its workers
         pretrained_mlp(width)
-    specs = [RunSpec(f"digits_mlp_w{w}", m, lr, seed, sweep.checkpoints[-1], sweep.eval_every)
-             for w in sorted(sweep.widths, reverse=True) for m in (GIVA, RANDOM, VERA)
-             for lr in sweep.grid for seed in range(sweep.seeds)]
-    print(f"width: {len(specs)} runs", flush=True)
-    records = run_all(specs, jobs=jobs, reuse=reuse)
-    rows = analyse(records, sweep)
+    pool = Pool(jobs, reuse=reuse)
+    tunings = run_sweep(sweep, pool)
+    rows = analyse(tunings, sweep)
     out = results_dir(quick)
     out.mkdir(parents=True, exist_ok=True)
     plot(rows, sweep, out / "width_sweep.png")
     path = out / "width_sweep.md"
-    write(path, report(rows, sweep, load, time.perf_counter() - start, reuse))
+    write(path, report(rows, tunings, sweep, load, time.perf_counter() - start, pool))
     return path
