@@ -9,13 +9,16 @@ forward + backward + AdamW. The floor is the frozen base with its head and one t
 the bottom (e.g. the embedding LayerNorm) trainable: the backward runs through every block but
 computes no weight gradient, the cost that no adapter in every block can beat.
 
-Peak memory. Each configuration runs in a fresh subprocess. After building, the kernel's peak-RSS
-counter is reset (`/proc/self/clear_refs`, 5) so that building (e.g. adapt()'s own profiling)
-cannot mask the step's peak; the peak extra memory is then the peak RSS over two steps minus the RSS
-before them (optimizer state, gradients and activations), read from VmHWM: the counter ru_maxrss
-reports, without the peak a subprocess inherits from its parent across fork and exec. glibc is told to serve every
-allocation above 128 KiB with mmap (`MALLOC_MMAP_THRESHOLD_`), so freed tensors leave the RSS and
-the counter follows torch's live memory; tracemalloc would not see torch's allocations at all.
+Peak memory. Each configuration runs in a fresh subprocess (two at a time: each has its own
+counter). After building, the kernel's peak-RSS counter is reset (`/proc/self/clear_refs`, 5) so
+that building (e.g. adapt()'s own profiling) cannot mask the step's peak; the peak extra memory is
+then the peak RSS over two steps minus the RSS before them (optimizer state, gradients and
+activations), read from VmHWM: the counter ru_maxrss reports, without the peak a subprocess
+inherits from its parent across fork and exec. glibc is told to serve every allocation above
+128 KiB with mmap (`MALLOC_MMAP_THRESHOLD_`), so freed tensors leave the RSS and the counter follows
+torch's live memory; tracemalloc would not see torch's allocations at all. adapt() and its
+alternatives are timed as well, so they run one at a time; the GiVA step's memory is measured in
+the process that timed adapt(), on the model it built.
 
     python -m bench --only speed [--quick]
 """
@@ -29,14 +32,13 @@ import statistics
 import subprocess
 import sys
 import time
-import types
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import giva_fx
@@ -46,7 +48,6 @@ from bench.common import ROOT, command_line, header, markdown_table, quiet, resu
 #: every small op into a wait for a busy core (we saw 10x swings), and ratios need stable steps.
 THREADS = int(os.environ.get("BENCH_SPEED_THREADS", "1"))
 RANK = 8
-MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 # ------------------------------------------------------------------------------------- models --
 
@@ -121,11 +122,10 @@ def _model(name: str) -> SpeedModel:
 
 # ------------------------------------------------------------------------------ configurations --
 
-UNFOLDED = f"giva r={RANK}, lambda_o scaling the output (previous form)"
-CONFIGS = ("floor", "floor (captured graph)", "head only", f"giva r={RANK}", UNFOLDED, f"PEFT LoRA r={RANK}",
-           "PEFT VeRA r=64", "PEFT VeRA r=256", "full fine-tuning")
+GIVA = f"giva r={RANK}"
+CONFIGS = ("floor", "head only", GIVA, f"PEFT LoRA r={RANK}", "PEFT VeRA r=64", "PEFT VeRA r=256", "full fine-tuning")
 ADAPT_JOBS = ("adapt", "keep-all-gradients", "PEFT LoRA-GA init")
-QUICK_CONFIGS = ("floor", f"giva r={RANK}", f"PEFT LoRA r={RANK}", "PEFT VeRA r=64")
+QUICK_CONFIGS = ("floor", GIVA, f"PEFT LoRA r={RANK}", "PEFT VeRA r=64")
 
 
 def _globs(names: tuple[str, ...]) -> list[str]:
@@ -150,14 +150,8 @@ def build_config(m: SpeedModel, config: str) -> nn.Module:
         return _freeze_but(base, head)
     if config == "full fine-tuning":
         return _freeze_but(base, ["*"])
-    if config == "floor (captured graph)":
-        return giva_fx.adapt(base, m.batch(), targets=["<no op>"], train=head + list(m.bottom), progress=False)
-    if config.startswith("giva"):
-        adapted = giva_fx.adapt(base, m.batch(), rank=RANK, targets=list(m.giva_targets), train=head, progress=False)
-        if config == UNFOLDED:
-            for adapter in adapted.adapters().values():
-                adapter.forward = types.MethodType(_unfolded_forward, adapter)
-        return adapted
+    if config == GIVA:
+        return _adapt(m, base, m.batch())
     from peft import LoraConfig, VeraConfig, get_peft_model
 
     common = dict(target_modules=m.peft_targets if isinstance(m.peft_targets, str) else list(m.peft_targets),
@@ -165,13 +159,6 @@ def build_config(m: SpeedModel, config: str) -> nn.Module:
     rank = int(config.rsplit("=", 1)[1])
     peft_config = LoraConfig(r=rank, **common) if "LoRA" in config else VeraConfig(r=rank, **common)
     return get_peft_model(base, peft_config)
-
-
-def _unfolded_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """LinearAdapter.forward as it was before lambda_o moved onto B's rows (same function): lambda_o
-    scales the (tokens x out) output, so autograd keeps that out-wide tensor for lambda_o's gradient.
-    Kept as a configuration so the change stays measured."""
-    return F.linear(F.linear(x, self.A) * self.lambda_s, self.B) * self.lambda_o
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -226,44 +213,56 @@ def step_times(m: SpeedModel, configs: tuple[str, ...]) -> dict[str, Any]:
     return {"times": times, "ratios": ratios(times, "floor"), "trainable": counts}
 
 
-# ---------------------------------------------------------------------------------- subprocesses --
+# ------------------------------------------------------------------------- measuring processes --
 
 def _status_kb(key: str) -> int:
     return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
 
 
-def _reset_peak() -> bool:
+def _reset_peak() -> None:
+    """Set this process's peak RSS counter to its current RSS, so earlier peaks (building, or the
+    parent's across fork and exec) cannot mask the one measured next."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+    except OSError as e:
+        raise RuntimeError(f"cannot reset the peak-RSS counter ({e}); peak memory cannot be measured here") from e
 
 
 def _peak_kb() -> int:
-    """The kernel's peak RSS of this process (VmHWM, what ru_maxrss reports once the peak was reset):
-    ru_maxrss itself can also report the peak the process inherited across fork and exec."""
+    """The kernel's peak RSS of this process since the last `_reset_peak` (VmHWM, what ru_maxrss
+    reports once the peak was reset)."""
     return _status_kb("VmHWM")
 
 
+def _adapt(m: SpeedModel, base: nn.Module, batch: Any) -> nn.Module:
+    return giva_fx.adapt(base, batch, rank=RANK, targets=list(m.giva_targets), train=_globs(m.head), progress=False)
+
+
+def _step_extra_mb(m: SpeedModel, model: nn.Module) -> float:
+    """Peak RSS over two training steps of the built `model` minus the RSS before them."""
+    stepper = Stepper(m, model)
+    rss = _status_kb("VmRSS")
+    _reset_peak()
+    for _ in range(2):
+        stepper()
+    return (_peak_kb() - rss) / 1024
+
+
 def measure(job: str, model_name: str, config: str) -> dict[str, Any]:
-    """Run in a fresh subprocess: the peak extra memory (and time) of one job on one model."""
+    """In a fresh process: the peak extra memory (and time) of one job on one model. The "adapt" job
+    on the full batch also measures the GiVA step's memory, on the model it built (as "step" would)."""
     m = _model(model_name)
     if job == "step":
-        model = build_config(m, config)
-        stepper = Stepper(m, model)
-        rss, reset = _status_kb("VmRSS"), _reset_peak()
-        for _ in range(2):
-            stepper()
-        return {"extra_mb": (_peak_kb() - rss) / 1024, "reset": reset}
+        return {"extra_mb": _step_extra_mb(m, build_config(m, config))}
     base, batch = m.build(), (m.small_batch() if config == "small" else m.batch())
     model_mb = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
-    rss, reset = _status_kb("VmRSS"), _reset_peak()
+    rss = _status_kb("VmRSS")
+    _reset_peak()
     start = time.perf_counter()
     split: dict[str, float]
+    step: dict[str, float] = {}
     if job == "adapt":
-        adapted = giva_fx.adapt(base, batch, rank=RANK, targets=list(m.giva_targets), train=_globs(m.head),
-                                progress=False)
+        adapted = _adapt(m, base, batch)
         r = adapted.report
         split = {"capture": r.capture_s, "profile": r.profile_s, "SVD": r.bases_s, "rewrite": r.rewrite_s}
     elif job == "keep-all-gradients":
@@ -272,8 +271,11 @@ def measure(job: str, model_name: str, config: str) -> dict[str, Any]:
         split = _loraga_init(m, base, batch, start)
     else:
         raise ValueError(job)
-    return {"extra_mb": (_peak_kb() - rss) / 1024, "reset": reset, "model_mb": model_mb,
-            "total_s": time.perf_counter() - start, "split": split}
+    done = {"extra_mb": (_peak_kb() - rss) / 1024, "model_mb": model_mb, "total_s": time.perf_counter() - start,
+            "split": split}
+    if job == "adapt" and config == "":
+        done["step_extra_mb"] = _step_extra_mb(m, adapted)
+    return done
 
 
 def _keep_all_gradients(m: SpeedModel, base: nn.Module, batch: Any, start: float) -> dict[str, float]:
@@ -306,13 +308,27 @@ def _loraga_init(m: SpeedModel, base: nn.Module, batch: Any, start: float) -> di
     return {"gradients": profiled - start, "SVD + init": time.perf_counter() - profiled}
 
 
+#: glibc serves every allocation above 128 KiB with mmap, so that freed tensors leave the RSS and the
+#: peak counter follows torch's live memory
+MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
 def in_subprocess(job: str, model_name: str, config: str = "") -> dict[str, Any]:
+    """`measure(job, model_name, config)` in a fresh interpreter. (A process forked from one that had
+    imported the libraries would save their import, ~4 s, but counts ~8 MB more peak memory for the
+    same digits-ViT step: library pages it first touches during the steps.)"""
     env = {**os.environ, **MMAP_ENV, "OMP_NUM_THREADS": str(THREADS)}
     out = subprocess.run([sys.executable, "-m", "bench.speed", "--measure", job, model_name, config],
                          cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{job} {model_name} {config} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def in_subprocesses(jobs: list[tuple[str, str, str]], at_once: int) -> list[dict[str, Any]]:
+    """`in_subprocess(*job)` for each job, `at_once` at a time."""
+    with ThreadPoolExecutor(at_once) as pool:
+        return list(pool.map(lambda job: in_subprocess(*job), jobs))
 
 
 # ------------------------------------------------------------------------------ merged inference --
@@ -409,18 +425,19 @@ def main(quick: bool) -> Path:
             get_task(m.name).ensure_base()
         print(f"speed: {m.name}", flush=True)
         configs = QUICK_CONFIGS if quick else CONFIGS
-        memory = {c: in_subprocess("step", m.name, c) for c in configs}
-        adapt_jobs = {(job, size): in_subprocess(job, m.name, size) for job in ADAPT_JOBS
-                      for size in (("", "small") if m.small_batch else ("",))}
+        # memory only: two processes at a time (each its own peak counter); adapt() is timed, so alone
+        others = [c for c in configs if c != GIVA]
+        memory = dict(zip(others, in_subprocesses([("step", m.name, c) for c in others], at_once=2)))
+        keys = [(job, size) for job in ADAPT_JOBS for size in (("", "small") if m.small_batch else ("",))]
+        adapt_jobs = dict(zip(keys, in_subprocesses([(job, m.name, size) for job, size in keys], at_once=1)))
+        memory[GIVA] = {"extra_mb": adapt_jobs[("adapt", "")]["step_extra_mb"]}
         steps = step_times(m, configs)
         infer = inference(m)
         sections.append(model_section(m, steps, memory, adapt_jobs, infer))
     text = "\n".join([
         header("Speed and memory: GiVA vs the frozen-base floor, PEFT LoRA and VeRA", command_line(), load, THREADS),
         f"All timings on CPU with {THREADS} torch threads. The floor: frozen base with its head and one tiny "
-        "parameter at the bottom trainable (backward through every block, no weight gradients). 'captured "
-        "graph' is the same floor run through giva-fx's exported graph with no adapter, separating the cost of "
-        "running a torch.export graph from the adapters' own cost. Total wall time "
+        "parameter at the bottom trainable (backward through every block, no weight gradients). Total wall time "
         f"{(time.perf_counter() - start) / 60:.1f} min.", "", *sections])
     out = results_dir(quick)
     out.mkdir(parents=True, exist_ok=True)
