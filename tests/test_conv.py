@@ -90,10 +90,10 @@ def _reset_vectors(adapter: ConvAdapter) -> None:
         adapter.lambda_o.zero_()
 
 
-def _run_with_hook(module: nn.Module, call) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input, output) of `module` during `call()`."""
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    handle = module.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+def _run_with_hook(module: nn.Module, call) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """(inputs, output) of `module` during `call()`."""
+    seen: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]] = []
+    handle = module.register_forward_hook(lambda m, args, out: seen.append((args, out)))
     try:
         with torch.no_grad():
             call()
@@ -124,8 +124,8 @@ def test_every_conv_flavour_is_adapted_with_its_own_conv_arguments(one_conv):
 def test_adapter_output_has_the_op_output_shape(one_conv):
     _, model, (x, _), adapted = one_conv
     _, op_out = _run_with_hook(model.conv, lambda: model(x))
-    _, delta = _run_with_hook(_adapter(adapted), lambda: adapted(x))
-    assert delta.shape == op_out.shape
+    (_, y), out = _run_with_hook(_adapter(adapted), lambda: adapted(x))
+    assert y.shape == out.shape == op_out.shape
 
 
 @pytest.mark.parametrize("form", ["factorized", "dense"])
@@ -136,10 +136,10 @@ def test_adapter_forward_equals_a_conv_with_its_delta_weight(one_conv, form):
     _random_vectors(adapter)
     try:
         adapter.dense = form == "dense"
-        x_in, delta = _run_with_hook(adapter, lambda: adapted(x))
+        (x_in, y), out = _run_with_hook(adapter, lambda: adapted(x))
         dw = adapter.delta_weight()
         assert dw.shape == model.conv.weight.shape
-        torch.testing.assert_close(delta, _reference_conv(model.conv, x_in, dw), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out - y, _reference_conv(model.conv, x_in, dw), rtol=1e-4, atol=1e-5)
     finally:
         adapter.dense = chosen
         _reset_vectors(adapter)

@@ -210,17 +210,15 @@ def _takes_tensors_at(node: fx.Node, sizes: dict[fx.Node, set[fx.Node]]) -> bool
 
 
 def _fold_adapters(gm: fx.GraphModule) -> None:
-    """Remove each adapter call (and its add) and give the copy W + dW as a new frozen parameter."""
+    """Replace each adapter call by the op output it adds to, and give the copy W + dW as a new frozen
+    parameter."""
     adapters: dict[str, nn.Module] = {}
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not node.target.startswith(f"{ADAPTER_ROOT}."):
             continue
         adapter = gm.get_submodule(node.target)
         adapters[adapter.weight_name] = adapter
-        for add in list(node.users):
-            base = next(a for a in add.args if a is not node)
-            add.replace_all_uses_with(base)
-            gm.graph.erase_node(add)
+        node.replace_all_uses_with(node.args[1])  # the rewrite calls adapter(x, op output)
         gm.graph.erase_node(node)
     gm.graph.lint()
     gm.delete_all_unused_submodules()

@@ -7,19 +7,19 @@ Before::
 
 After::
 
-    %linear = call_function[aten.linear.default](args = (%x, %w, %b))     # untouched
-    %giva   = call_module[target=giva_adapters.<weight>](args = (%x,))    # lambda_o * B(lambda_s * A x)
-    %add    = call_function[aten.add.Tensor](args = (%linear, %giva))
-    %gelu   = call_function[aten.gelu.default](args = (%add,))
+    %linear = call_function[aten.linear.default](args = (%x, %w, %b))           # untouched
+    %giva   = call_module[target=giva_adapters.<weight>](args = (%x, %linear))  # linear + delta(x)
+    %gelu   = call_function[aten.gelu.default](args = (%giva,))
 
-The original op is left as it is, so merging dW into its weight later changes nothing structural.
-A weight used by several nodes gets one adapter, called after each of them.
+The adapter takes the op's output and returns it with the delta added, so a linear adapter can add
+in the same GEMM that computes the delta. The original op is left as it is, so merging dW into its
+weight later changes nothing structural. A weight used by several nodes gets one adapter, called
+after each of them.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -47,9 +47,7 @@ def rewrite(gm: fx.GraphModule, ops: Iterable[WeightOp], adapters: Mapping[str, 
             node = nodes[node_name]
             x = node.args[OP_TABLE[node.target].input_arg]
             with gm.graph.inserting_after(node):
-                delta = gm.graph.call_module(f"{ADAPTER_ROOT}.{key}", (x,))
-            with gm.graph.inserting_after(delta):
-                out = gm.graph.call_function(torch.ops.aten.add.Tensor, (node, delta))
+                out = gm.graph.call_module(f"{ADAPTER_ROOT}.{key}", (x, node))
             node.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
             count += 1
     gm.graph.lint()
