@@ -118,12 +118,18 @@ def _takes(model: nn.Module) -> str:
     return f"{type(model).__name__}.forward({', '.join(stars.get(p.kind, '') + p.name for p in params)})"
 
 
+# keyword inputs a framework passes to every model that takes **kwargs, read or not:
+# transformers.Trainer's token count for loss normalisation
+FRAMEWORK_INPUTS = frozenset({"num_items_in_batch"})
+
+
 def _warn_unused(model: nn.Module, ep: torch.export.ExportedProgram, batch: Batch) -> None:
     """Warn about keyword inputs the model never reads: usually a misspelled name that a
     ``**kwargs`` forward (as HF models have) swallowed. A tensor passed under two names is
-    read once, so those are not judged."""
+    read once, so those are not judged, nor are `FRAMEWORK_INPUTS`."""
     seen = Counter(id(t) for t in batch.tensors())
-    unique = {k for k, v in batch.kwargs.items() if isinstance(v, torch.Tensor) and seen[id(v)] == 1}
+    unique = {k for k, v in batch.kwargs.items()
+              if isinstance(v, torch.Tensor) and seen[id(v)] == 1 and k not in FRAMEWORK_INPUTS}
     unused = [n.name for n in ep.graph.nodes if n.op == "placeholder" and n.name in unique and not n.users]
     if unused:
         warn(f"{type(model).__name__} ignores batch input(s) {unused}: check their names against "
