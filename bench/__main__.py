@@ -1,7 +1,9 @@
-"""`python -m bench [--quick] [--only quality width speed ...]`: regenerate the benchmark results.
+"""`python -m bench [--quick] [--only quality width speed others]`: regenerate the benchmark results.
 
 Full results land in bench/results/ (committed); `--quick` is a smoke run of a few minutes whose
 results land in bench/results/quick/ (not committed), so it never overwrites measured numbers.
+It prints its plan first (training runs per stage, estimated minutes), then each stage's wall time
+and the total.
 """
 from __future__ import annotations
 
@@ -23,6 +25,12 @@ OTHERS = (
     (["bench/distributed.py"], None),
     (["bench/demo_adapt.py"], None),
 )
+#: seconds of the stages whose work is fixed, (quick, full), on a quiet 2-core machine (measured
+#: 2026-12-05 at load average 0.3-2: speed BERT 225 + char GPT-2 80 + ViT 45, others 250 less ORT's
+#: halved steps): for the plan line only
+FIXED_S = {"speed": (30, 350), "others": (40, 215)}
+POOL_START_S = 10  # the pool's workers import torch, transformers and peft once
+EXTENSIONS = 0.05  # searches that step past their first round: ~5% more runs (12 of 245 on 2026-12-04's records)
 
 
 def others(quick: bool) -> str:
@@ -33,9 +41,31 @@ def others(quick: bool) -> str:
         if args is None or not (ROOT / (args[0] if args[0] != "-m" else args[1].replace(".", "/") + ".py")).exists():
             continue
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        start = time.perf_counter()
         code = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=False).returncode
-        ran.append(f"{' '.join(args)}: {'ok' if code == 0 else f'failed (exit {code})'}")
+        ran.append(f"{' '.join(args)}: {'ok' if code == 0 else f'failed (exit {code})'} "
+                   f"in {time.perf_counter() - start:.0f} s")
     return "; ".join(ran) or "nothing to run"
+
+
+def plan(stages: tuple[str, ...], quick: bool, jobs: int) -> dict[str, tuple[str, float]]:
+    """Per stage: (what it will run, estimated seconds)."""
+    from bench import quality, speed, width
+
+    out = {}
+    for stage in stages:
+        if stage in ("quality", "width"):
+            module = quality if stage == "quality" else width
+            runs, seconds = module.estimate(module.QUICK if quick else module.FULL)
+            out[stage] = (f">= {runs} training runs", POOL_START_S + (1 + EXTENSIONS) * seconds / max(1, jobs))
+        elif stage == "speed":
+            models = speed.speed_models(quick)
+            configs = speed.QUICK_CONFIGS if quick else speed.CONFIGS
+            out[stage] = (f"{len(models)} model(s) x {len(configs)} configurations", FIXED_S[stage][not quick])
+        else:
+            scripts = sum((short if quick else full) is not None for full, short in OTHERS)
+            out[stage] = (f"{scripts} script(s)", FIXED_S[stage][not quick])
+    return out
 
 
 def main() -> None:
@@ -47,24 +77,32 @@ def main() -> None:
                         help="reuse training-run records stored in bench/cache/runs (same settings only)")
     args = parser.parse_args()
     quiet()
-    for stage in args.only:
+    stages = tuple(s for s in STAGES if s in args.only)
+    planned = plan(stages, args.quick, args.jobs)
+    print("plan: " + "; ".join(f"{s} {what}" for s, (what, _) in planned.items())
+          + f"; about {sum(t for _, t in planned.values()) / 60:.0f} min on a quiet machine with --jobs {args.jobs}"
+          + (" (less with --reuse)" if args.reuse else ""), flush=True)
+    took = {}
+    for stage in stages:
         start = time.perf_counter()
         if stage == "quality":
             from bench import quality
 
-            path = quality.main(args.quick, args.jobs, args.reuse)
+            done = f"wrote {quality.main(args.quick, args.jobs, args.reuse)}"
         elif stage == "width":
             from bench import width
 
-            path = width.main(args.quick, args.jobs, args.reuse)
+            done = f"wrote {width.main(args.quick, args.jobs, args.reuse)}"
         elif stage == "speed":
             from bench import speed
 
-            path = speed.main(args.quick)
+            done = f"wrote {speed.main(args.quick)}"
         else:
-            print(f"others: {others(args.quick)} in {time.perf_counter() - start:.0f} s", flush=True)
-            continue
-        print(f"{stage}: wrote {path} in {time.perf_counter() - start:.0f} s", flush=True)
+            done = others(args.quick)
+        took[stage] = time.perf_counter() - start
+        print(f"{stage}: {done} in {took[stage]:.0f} s (planned about {planned[stage][1]:.0f} s)", flush=True)
+    print(f"total: {sum(took.values()) / 60:.1f} min (" + ", ".join(f"{s} {t:.0f} s" for s, t in took.items()) + ")",
+          flush=True)
 
 
 if __name__ == "__main__":

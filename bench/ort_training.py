@@ -1,6 +1,6 @@
 """ONNX Runtime training (`OrtTrainer`) vs the PyTorch adapted model: time per step, peak memory, sizes.
 
-    OMP_NUM_THREADS=1 python -m bench.ort_training [--quick] [--steps 20]
+    OMP_NUM_THREADS=1 python -m bench.ort_training [--quick] [--steps 10]
 
 For each model the same adapted model (same bases, same initial vectors) trains on the same batch
 with AdamW, once through `giva_fx.export.OrtTrainer` on the artifacts of `training_artifacts`, once
@@ -158,8 +158,8 @@ def run_child(name: str, framework: str, work: Path, args: argparse.Namespace) -
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.ort_training", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small configurations, results/quick/")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--child", nargs=3, metavar=("MODEL", "FRAMEWORK", "WORKDIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     quiet()
@@ -169,7 +169,7 @@ def main() -> None:
         return
     load = os.getloadavg()
     command = "OMP_NUM_THREADS=1 python -m bench.ort_training" + (" --quick" if args.quick else "") + (
-        f" --steps {args.steps}" if args.steps != 20 else "")
+        f" --steps {args.steps}" if args.steps != 10 else "")
     speed_rows, size_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in MODELS:

@@ -8,6 +8,8 @@ deviation over all seeds at that learning rate, after the same number of steps f
 the same data order per seed. Trainable parameters are counted from the parameters the optimizer
 gets (adapter vectors or matrices plus the task's head). The metric is measured on the task's fixed
 evaluation set at the start and the end of each run; the curves show the training loss of every step.
+All tasks' runs share one pool of workers (`runs.Pool`), longest first. The quick run tries each
+family's calibrated learning rate with one seed, for a few steps.
 
     python -m bench --only quality [--quick]
 

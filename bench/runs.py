@@ -2,11 +2,13 @@
 
 Every run uses the same loop: AdamW (no weight decay), linear warm-up over the first 5% of steps
 then a constant learning rate (so a curve can be read at any step count), gradients clipped to
-norm 1, the task's metric on its fixed evaluation set every `eval_every` steps. A run that
-diverges (non-finite loss) stops and keeps the metric it reached, marked `diverged`.
+norm 1, the task's metric on its fixed evaluation set at the first step, every `eval_every` steps
+and at the last; the training loss of every step. A run that diverges (non-finite loss) stops and
+keeps the metric it reached, marked `diverged`.
 
 Runs are independent processes with one torch thread each: a run's numbers do not depend on how
-many run beside it, only its wall time does.
+many run beside it, only its wall time does. Records are stored under bench/cache/runs/, keyed by
+the run's settings, so `--reuse` can take them instead of training again.
 """
 from __future__ import annotations
 

@@ -68,7 +68,6 @@ class SpeedModel:
     bottom: tuple[str, ...]  # the floor's tiny trainable parameter(s) at the bottom
     repeats: int
     inner: int  # steps per timed block
-    small_batch: Callable[[], Any] | None = None  # a batch where gradients, not activations, dominate
 
 
 def _bert() -> nn.Module:
@@ -109,8 +108,7 @@ def speed_models(quick: bool) -> list[SpeedModel]:
         SpeedModel("bert_base", f"BERT-base-sized encoder (12 x 768, random weights), batch {BERT_BATCH} x {BERT_SEQ}",
                    _bert,
                    _bert_batch, _hf_loss, ("bert.encoder.layer.*.weight",), BERT_LINEARS, False, ("classifier",),
-                   ("bert.embeddings.LayerNorm.*",), repeats=5, inner=1,
-                   small_batch=lambda: {k: v[:1] for k, v in _bert_batch().items()}),
+                   ("bert.embeddings.LayerNorm.*",), repeats=4, inner=1),
         _task_model("char_gpt2", ("transformer.h.0.ln_1.*",), ("transformer.ln_f",), repeats=15, inner=5),
         vit,
     ]
@@ -249,12 +247,13 @@ def _step_extra_mb(m: SpeedModel, model: nn.Module) -> float:
 
 
 def measure(job: str, model_name: str, config: str) -> dict[str, Any]:
-    """In a fresh process: the peak extra memory (and time) of one job on one model. The "adapt" job
-    on the full batch also measures the GiVA step's memory, on the model it built (as "step" would)."""
+    """In a fresh process: the peak extra memory (and time) of one job on one model (`config`: the
+    "step" job's configuration). The "adapt" job also measures the GiVA step's memory, on the model
+    it built (as "step" would)."""
     m = _model(model_name)
     if job == "step":
         return {"extra_mb": _step_extra_mb(m, build_config(m, config))}
-    base, batch = m.build(), (m.small_batch() if config == "small" else m.batch())
+    base, batch = m.build(), m.batch()
     model_mb = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
     rss = _status_kb("VmRSS")
     _reset_peak()
@@ -273,7 +272,7 @@ def measure(job: str, model_name: str, config: str) -> dict[str, Any]:
         raise ValueError(job)
     done = {"extra_mb": (_peak_kb() - rss) / 1024, "model_mb": model_mb, "total_s": time.perf_counter() - start,
             "split": split}
-    if job == "adapt" and config == "":
+    if job == "adapt":
         done["step_extra_mb"] = _step_extra_mb(m, adapted)
     return done
 
@@ -375,15 +374,11 @@ def model_section(m: SpeedModel, steps: dict[str, Any], memory: dict[str, dict],
     rows = [[c, f"{steps['trainable'][c]:,}", f"{1000 * statistics.median(steps['times'][c]):.1f}",
              _ratio(steps["ratios"][c]), f"{memory[c]['extra_mb']:.0f}",
              f"{memory[c]['extra_mb'] / floor_mb:.2f}" if floor_mb > 0 else "-"] for c in steps["times"]]
-    giva, lora = f"giva r={RANK}", f"PEFT LoRA r={RANK}"
-    giva_step = statistics.median(steps["times"][giva])
-    adapt, keep = adapt_jobs[("adapt", "")], adapt_jobs[("keep-all-gradients", "")]
-    adapt_rows = []
-    for (job, size), r in adapt_jobs.items():
-        reference = adapt_jobs[("keep-all-gradients", size)]
-        adapt_rows.append([f"{job}{' (batch of 1)' if size else ''}", f"{r['total_s']:.2f}",
-                           ", ".join(f"{k} {v:.2f}" for k, v in r["split"].items()), f"{r['extra_mb']:.0f}",
-                           f"{r['extra_mb'] / reference['extra_mb']:.2f}"])
+    lora = f"PEFT LoRA r={RANK}"
+    giva_step = statistics.median(steps["times"][GIVA])
+    adapt, keep = adapt_jobs["adapt"], adapt_jobs["keep-all-gradients"]
+    adapt_rows = [[job, f"{r['total_s']:.2f}", ", ".join(f"{k} {v:.2f}" for k, v in r["split"].items()),
+                   f"{r['extra_mb']:.0f}", f"{r['extra_mb'] / keep['extra_mb']:.2f}"] for job, r in adapt_jobs.items()]
     lines = [
         f"## {m.title}", "",
         f"Step = forward + backward + AdamW; {m.repeats} interleaved repeats of {m.inner} step(s). "
@@ -401,7 +396,7 @@ def model_section(m: SpeedModel, steps: dict[str, Any], memory: dict[str, dict],
         f"{_ratio(infer['merged'])} x original (loss merged vs unmerged differs by {infer['loss_gap']:.1e}).", "",
     ]
     targets = [
-        ("giva step <= 1.10 x floor step", steps["ratios"][giva][1] <= 1.10, f"{steps['ratios'][giva][1]:.3f}"),
+        ("giva step <= 1.10 x floor step", steps["ratios"][GIVA][1] <= 1.10, f"{steps['ratios'][GIVA][1]:.3f}"),
         ("giva step <= PEFT LoRA step, same rank", giva_step <= statistics.median(steps["times"][lora]),
          f"{giva_step / statistics.median(steps['times'][lora]):.3f} x LoRA"),
         ("adapt() <= 5 training steps", adapt["total_s"] <= 5 * giva_step, f"{adapt['total_s'] / giva_step:.1f} steps"),
@@ -423,17 +418,23 @@ def main(quick: bool) -> Path:
             from bench.tasks import task as get_task
 
             get_task(m.name).ensure_base()
-        print(f"speed: {m.name}", flush=True)
         configs = QUICK_CONFIGS if quick else CONFIGS
+        phases = [time.perf_counter()]
         # memory only: two processes at a time (each its own peak counter); adapt() is timed, so alone
         others = [c for c in configs if c != GIVA]
         memory = dict(zip(others, in_subprocesses([("step", m.name, c) for c in others], at_once=2)))
-        keys = [(job, size) for job in ADAPT_JOBS for size in (("", "small") if m.small_batch else ("",))]
-        adapt_jobs = dict(zip(keys, in_subprocesses([(job, m.name, size) for job, size in keys], at_once=1)))
-        memory[GIVA] = {"extra_mb": adapt_jobs[("adapt", "")]["step_extra_mb"]}
+        phases.append(time.perf_counter())
+        adapt_jobs = dict(zip(ADAPT_JOBS, in_subprocesses([(job, m.name, "") for job in ADAPT_JOBS], at_once=1)))
+        memory[GIVA] = {"extra_mb": adapt_jobs["adapt"]["step_extra_mb"]}
+        phases.append(time.perf_counter())
         steps = step_times(m, configs)
+        phases.append(time.perf_counter())
         infer = inference(m)
+        phases.append(time.perf_counter())
         sections.append(model_section(m, steps, memory, adapt_jobs, infer))
+        print(f"speed: {m.name} in {phases[-1] - phases[0]:.0f} s (" + ", ".join(
+            f"{name} {b - a:.0f} s" for name, a, b in zip(("memory", "adapt()", "step times", "inference"),
+                                                          phases, phases[1:])) + ")", flush=True)
     text = "\n".join([
         header("Speed and memory: GiVA vs the frozen-base floor, PEFT LoRA and VeRA", command_line(), load, THREADS),
         f"All timings on CPU with {THREADS} torch threads. The floor: frozen base with its head and one tiny "

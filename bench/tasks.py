@@ -59,7 +59,7 @@ class Task:
     evaluate: Callable[[nn.Module], dict[str, float]]  # "metric" plus extras
     asset: str | None = None  # the examples/pretrain.py base this task loads
     # seconds of one GiVA r=8 training step, one evaluation and one build on one quiet core (measured
-    # with OMP_NUM_THREADS=1, load average < 1.6): for scheduling and the time estimate only
+    # 2026-12-05 with OMP_NUM_THREADS=1, load average < 1.5): for scheduling and the time estimate only
     step_s: float = 0.0
     eval_s: float = 0.0
     build_s: float = 0.0
@@ -121,7 +121,7 @@ CHAR_GPT2 = Task(
     fan_in_fan_out=True, peft_vera=True, peft_loraga=True,
     base=lambda: example_models.load_base("char_gpt2", ASSETS),
     batches=_lm_batches, profile_batches=_lm_profile, loss=_lm_loss, evaluate=_lm_evaluate, asset="char_gpt2",
-    step_s=0.054, eval_s=0.19, build_s=0.5,
+    step_s=0.046, eval_s=0.17, build_s=0.4,
 )
 
 # --------------------------------------------------------------------------------------- digits --
@@ -173,12 +173,12 @@ DIGITS_VIT = _digits_task(
     "digits_vit", "digits ViT: upright -> rotated 90 degrees",
     ("blocks.*.attn.qkv.weight", "blocks.*.attn.proj.weight", "blocks.*.mlp.fc1.weight", "blocks.*.mlp.fc2.weight"),
     r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))", "head", True,
-    lambda: example_models.load_base("digits_vit", ASSETS), step_s=0.016, eval_s=0.09)
+    lambda: example_models.load_base("digits_vit", ASSETS), step_s=0.014, eval_s=0.06)
 
 DIGITS_CNN = _digits_task(
     "digits_cnn", "digits CNN: upright -> rotated 90 degrees",
     ("features.*.weight", "head.1.weight"), r"features\.(0|3|7)|head\.1", "head.3", False,
-    lambda: example_models.load_base("digits_cnn", ASSETS), step_s=0.0085, eval_s=0.05)
+    lambda: example_models.load_base("digits_cnn", ASSETS), step_s=0.0075, eval_s=0.045)
 
 
 # --------------------------------------------------------------------------- width sweep (MLPs) --
