@@ -326,7 +326,7 @@ def report(results: Sequence[Result], plan: Plan, load: tuple[float, float, floa
     parts = [header("Quality: GiVA vs PEFT LoRA, LoRA-GA and VeRA after equal steps", command_line(), load, 1), (
         f"Each method at {search}, then {plan.seeds} seed(s) there; every method sees the same data "
         "order per seed and adapts the same ops (all attention and MLP linears of every block; for the CNN "
-        "every conv and the hidden head linear), and trains the task's head where it has one. AdamW, no "
+        "every conv and the hidden head linear), and trains the task's head where it has one. AdamW (fused), no "
         "weight decay, warm-up over 5% of steps then constant, gradient norm clipped to 1; gradient inits "
         "(giva, LoRA-GA) profile the same 4 batches. The metric is taken on the task's fixed evaluation set "
         f"after the last step. Wall time {wall_s / 60:.1f} min, {runs}.\n")]
