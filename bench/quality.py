@@ -34,9 +34,9 @@ from bench.tasks import task as get_task
 INITS = ("Vr", "VrUr", "VrU2r", "VrUrand")
 
 #: where each family's search starts, per task: the best learning rate most methods of the family
-#: reached in the last full run with the fixed grids (bench/results/quality.md of 2026-12-04,
-#: `python -m bench --only quality`, grids 1e-2..1e-1, LoRA 1e-3..1e-2, full 1e-4..3e-3); a CNN family
-#: whose best was on the old grid's edge starts there
+#: reached in the last run with fixed grids (bench/results/quality.md of 2026-12-04 23:22, 3 seeds,
+#: grids 1e-2..1e-1, LoRA 1e-3..1e-2, full 1e-4..3e-3); the CNN's random bases, best on that grid's
+#: edge, start there
 CALIBRATED: dict[str, dict[str, float]] = {
     "char_gpt2": {"giva": 3e-2, "random": 3e-2, "vera": 3e-2, "lora": 3e-3, "loraga": 3e-3, "head": 3e-2,
                   "full": 3e-4},

@@ -29,8 +29,9 @@ from bench.tasks import MLP_PRETRAIN_STEPS, pretrained_mlp
 GIVA, RANDOM, VERA = Method("giva", 8, "Vr"), Method("random", 8), Method("vera", 64)
 METHODS = (GIVA, RANDOM, VERA)
 LOW = 1e-3
-#: where each search starts: the tuned best of every width in the last full run with a fixed grid
-#: (bench/results/width_sweep.md of 2026-12-04, `python -m bench --only width`, grid 1e-3..3e-1)
+#: where each search starts: the tuned best (mean of 3 seeds) at every width and both step counts in
+#: the last run with a fixed grid (bench/results/width_sweep.md of 2026-12-04 23:22, grid 1e-3..3e-1;
+#: VeRA's one exception: 0.1 at width 768 after 150 steps)
 CALIBRATED = {"giva": 1e-1, "random": 1e-1, "vera": 3e-2}
 
 
