@@ -1,6 +1,6 @@
 """adapt() on one process vs two (torch.distributed, gloo, CPU) for a BERT-base-sized model.
 
-    OMP_NUM_THREADS=1 python bench/distributed.py [--batch 4] [--seq 64] [--repeats 2]
+    OMP_NUM_THREADS=1 python bench/distributed.py [--batch 4] [--seq 64] [--repeats 2] [--out FILE]
 
 BertForSequenceClassification with `BertConfig()` defaults (12 layers x 768, random weights,
 seeded), rank 8, init Vr. Each rank profiles one batch of `--batch` sequences of `--seq` tokens;
@@ -27,13 +27,18 @@ import logging
 import os
 import socket
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: bench/ is a package
+from bench.common import RESULTS, header, markdown_table, write  # noqa: E402
 
 
 def _model_and_batches(batch: int, seq: int, n: int) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
@@ -145,16 +150,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--out", type=Path, default=RESULTS / "distributed.md", help="where the table goes")
     args = parser.parse_args()
+    load = os.getloadavg()
     configs = [("1 process, 1 batch", 1, "local"), ("1 process, both batches", 1, "global"),
                ("2 processes, 1 batch each, shard SVDs", 2, "shard"),
                ("2 processes, 1 batch each, replicate SVDs", 2, "replicate")]
-    print(f"BERT-base (BertConfig defaults), batch {args.batch} x {args.seq} tokens per rank, rank 8, Vr, "
-          f"{args.threads} thread(s) per process, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
-    print("| configuration | adapt() wall s | capture s | profile + bases wall s | adapt() CPU s per rank | "
-          "SVD s per rank | in collectives s per rank | peak gradients held by the sink MB | "
-          "ranks' bases identical |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
     note = ""
     for label, world, strategy in configs:
         per_rank = _run(world, strategy, args)
@@ -168,13 +170,29 @@ def main() -> None:
         same = "-" if world == 1 else str(all(len({r[i]["digest"] for r in per_rank}) == 1
                                               for i in range(args.repeats)))
         peak = max(run["peak_mb"] for r in per_rank for run in r)
-        print(f"| {label} | {median('wall'):.2f} | {median('capture'):.2f} | {median('after_capture'):.2f} | "
-              f"{each('cpu')} | {each('bases')} | {each('comm')} | {peak:.1f} | {same} |", flush=True)
+        rows.append([label, f"{median('wall'):.2f}", f"{median('capture'):.2f}", f"{median('after_capture'):.2f}",
+                     each("cpu"), each("bases"), each("comm"), f"{peak:.1f}", same])
+        print(" | ".join(rows[-1]), flush=True)
         if "allreduce" in per_rank[0][0]:
             seconds, floats = per_rank[0][0]["allreduce"]
-            note = (f"\ngloo all-reduce of the adapted weights' gradients alone ({floats / 1e6:.1f} M float32, "
+            note = (f"gloo all-reduce of the adapted weights' gradients alone ({floats / 1e6:.1f} M float32, "
                     f"one call per weight, 2 processes): {seconds:.2f} s")
-    print(note)
+    command = "OMP_NUM_THREADS=1 python bench/distributed.py " + " ".join(sys.argv[1:])
+    text = "\n".join([
+        header("adapt() under torch.distributed: 1 process vs 2 (gloo, CPU)", command.strip(), load, args.threads),
+        f"BERT-base (`BertConfig()` defaults, random weights, seed 0), rank 8, init Vr, one batch of "
+        f"{args.batch} x {args.seq} tokens per rank; medians of {args.repeats} runs (of the slowest rank where "
+        "one number stands for all). On a 2-core machine two processes get no more CPU than one, so wall "
+        "times measure contention as much as scaling; CPU seconds per rank are the fairer measure. What the "
+        "columns mean, and what earlier runs showed, is in [distributed_notes.md](distributed_notes.md).",
+        "",
+        markdown_table(["configuration", "adapt() wall s", "capture s", "profile + bases wall s",
+                        "adapt() CPU s per rank", "SVD s per rank", "in collectives s per rank",
+                        "peak gradients held by the sink MB", "ranks' bases identical"], rows),
+        "", note, "",
+    ])
+    write(args.out, text)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
