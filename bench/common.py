@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import re
 import statistics
 import sys
 import warnings
@@ -63,6 +64,31 @@ def header(title: str, command: str, load_at_start: tuple[float, float, float], 
         "- CPU only: no GPU was available for these runs.",
         "",
     ])
+
+
+#: glibc serves every allocation over 128 KiB with mmap, so freed tensors leave the RSS and the
+#: peak-RSS counter follows torch's live memory (set before the measuring process starts)
+MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+def status_kb(key: str) -> int:
+    """A field of /proc/self/status in kB (VmRSS: resident now; VmHWM: peak since `reset_peak`)."""
+    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+def reset_peak() -> None:
+    """Set this process's peak RSS counter to its current RSS, so earlier peaks (building, or the
+    parent's across fork and exec) cannot mask the one measured next."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError as e:
+        raise RuntimeError(f"cannot reset the peak-RSS counter ({e}); peak memory cannot be measured here") from e
+
+
+def peak_kb() -> int:
+    """The kernel's peak RSS of this process since the last `reset_peak` (VmHWM, what ru_maxrss
+    reports once the peak was reset)."""
+    return status_kb("VmHWM")
 
 
 def write(path: Path, text: str) -> None:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import header, markdown_table, quiet, results_dir, write
+from bench.common import header, markdown_table, quiet, results_dir, status_kb, write
 
 MB = 1024 * 1024
 FRAMEWORKS = ("pytorch", "ort")
@@ -74,13 +74,6 @@ MODELS = ("bert-small", "vit-tiny", "resnet18")
 LR, EPS, WEIGHT_DECAY, RANK = 1e-3, 1e-8, 0.01, 8
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def child(name: str, framework: str, work: Path, steps: int, warmup: int, quick: bool) -> dict[str, float]:
     """Train in this (fresh) process and measure; see the module docstring."""
     import torch
@@ -110,7 +103,7 @@ def child(name: str, framework: str, work: Path, steps: int, warmup: int, quick:
             opt.step()
             return loss.item()
 
-    ready_kb = _status_kb("VmRSS")
+    ready_kb = status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
     times, losses = [], []
     for i in range(warmup + steps):
@@ -119,7 +112,7 @@ def child(name: str, framework: str, work: Path, steps: int, warmup: int, quick:
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return {"ms_per_step": 1000 * statistics.median(times), "ms_min": 1000 * min(times),
-            "ready_mb": ready_kb / 1024, "peak_mb": _status_kb("VmHWM") / 1024,
+            "ready_mb": ready_kb / 1024, "peak_mb": status_kb("VmHWM") / 1024,
             "first_loss": losses[0], "last_loss": losses[-1]}
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,8 @@ import torch
 from torch import nn
 
 import giva_fx
-from bench.common import ROOT, command_line, header, markdown_table, quiet, results_dir, write
+from bench.common import (MMAP_ENV, ROOT, command_line, header, markdown_table, peak_kb, quiet, reset_peak,
+                          results_dir, status_kb, write)
 
 #: torch threads for every timing. One by default: on a shared machine a second OpenMP thread turns
 #: every small op into a wait for a busy core (we saw 10x swings), and ratios need stable steps.
@@ -214,25 +214,6 @@ def step_times(m: SpeedModel, configs: tuple[str, ...]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------- measuring processes --
 
-def _status_kb(key: str) -> int:
-    return int(re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
-
-
-def _reset_peak() -> None:
-    """Set this process's peak RSS counter to its current RSS, so earlier peaks (building, or the
-    parent's across fork and exec) cannot mask the one measured next."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError as e:
-        raise RuntimeError(f"cannot reset the peak-RSS counter ({e}); peak memory cannot be measured here") from e
-
-
-def _peak_kb() -> int:
-    """The kernel's peak RSS of this process since the last `_reset_peak` (VmHWM, what ru_maxrss
-    reports once the peak was reset)."""
-    return _status_kb("VmHWM")
-
-
 def _adapt(m: SpeedModel, base: nn.Module, batch: Any) -> nn.Module:
     return giva_fx.adapt(base, batch, rank=RANK, targets=list(m.giva_targets), train=_globs(m.head), progress=False)
 
@@ -240,11 +221,11 @@ def _adapt(m: SpeedModel, base: nn.Module, batch: Any) -> nn.Module:
 def _step_extra_mb(m: SpeedModel, model: nn.Module) -> float:
     """Peak RSS over two training steps of the built `model` minus the RSS before them."""
     stepper = Stepper(m, model)
-    rss = _status_kb("VmRSS")
-    _reset_peak()
+    rss = status_kb("VmRSS")
+    reset_peak()
     for _ in range(2):
         stepper()
-    return (_peak_kb() - rss) / 1024
+    return (peak_kb() - rss) / 1024
 
 
 def measure(job: str, model_name: str, config: str) -> dict[str, Any]:
@@ -256,8 +237,8 @@ def measure(job: str, model_name: str, config: str) -> dict[str, Any]:
         return {"extra_mb": _step_extra_mb(m, build_config(m, config))}
     base, batch = m.build(), m.batch()
     model_mb = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
-    rss = _status_kb("VmRSS")
-    _reset_peak()
+    rss = status_kb("VmRSS")
+    reset_peak()
     start = time.perf_counter()
     split: dict[str, float]
     step: dict[str, float] = {}
@@ -271,7 +252,7 @@ def measure(job: str, model_name: str, config: str) -> dict[str, Any]:
         split = _loraga_init(m, base, batch, start)
     else:
         raise ValueError(job)
-    done = {"extra_mb": (_peak_kb() - rss) / 1024, "model_mb": model_mb, "total_s": time.perf_counter() - start,
+    done = {"extra_mb": (peak_kb() - rss) / 1024, "model_mb": model_mb, "total_s": time.perf_counter() - start,
             "split": split}
     if job == "adapt":
         done["step_extra_mb"] = _step_extra_mb(m, adapted)
@@ -310,7 +291,6 @@ def _loraga_init(m: SpeedModel, base: nn.Module, batch: Any, start: float) -> di
 
 #: glibc serves every allocation above 128 KiB with mmap, so that freed tensors leave the RSS and the
 #: peak counter follows torch's live memory
-MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
 def in_subprocess(job: str, model_name: str, config: str = "") -> dict[str, Any]:
