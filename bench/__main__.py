@@ -14,7 +14,7 @@ import sys
 import time
 
 from bench.common import ROOT, quiet
-from bench.runs import default_jobs
+from bench.runs import default_jobs, estimate
 
 STAGES = ("quality", "width", "speed", "others")
 #: the other benchmark scripts in bench/, as (full-run command, quick-run command or None)
@@ -56,7 +56,7 @@ def plan(stages: tuple[str, ...], quick: bool, jobs: int) -> dict[str, tuple[str
     for stage in stages:
         if stage in ("quality", "width"):
             module = quality if stage == "quality" else width
-            runs, seconds = module.estimate(module.QUICK if quick else module.FULL)
+            runs, seconds = estimate((module.QUICK if quick else module.FULL).least_runs())
             out[stage] = (f">= {runs} training runs", POOL_START_S + (1 + EXTENSIONS) * seconds / max(1, jobs))
         elif stage == "speed":
             models = speed.speed_models(quick)

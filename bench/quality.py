@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench.common import command_line, header, markdown_table, mean_sd, results_dir, write
 from bench.methods import LR_BOUNDS, Method
-from bench.runs import Pool, RunSpec, estimated_s
+from bench.runs import Pool, RunSpec
 from bench.search import Search, rungs
 from bench.tasks import task as get_task
 
@@ -339,12 +339,6 @@ def report(results: Sequence[Result], plan: Plan, load: tuple[float, float, floa
                   f"![curves](quality_curves_{task}.png)", ""]
     parts += ["![quality vs trainable parameters](quality_vs_params.png)", ""]
     return "\n".join(parts)
-
-
-def estimate(plan: Plan) -> tuple[int, float]:
-    """(the fewest training runs the plan makes, their estimated seconds on one quiet core)."""
-    specs = plan.least_runs()
-    return len(specs), sum(estimated_s(spec) for spec in specs)
 
 
 def main(quick: bool, jobs: int, reuse: bool) -> Path:

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -112,6 +112,11 @@ def estimated_s(spec: RunSpec) -> float:
     t = get_task(spec.task)
     evaluations = spec.steps // spec.eval_every + 1  # the first and every eval_every-th step
     return spec.steps * t.step_s * relative_step_cost(spec.method) + evaluations * t.eval_s + t.build_s
+
+
+def estimate(specs: Sequence[RunSpec]) -> tuple[int, float]:
+    """(how many runs `specs` are, their estimated seconds on one quiet core) for the plan line."""
+    return len(specs), sum(estimated_s(spec) for spec in specs)
 
 
 class Pool:

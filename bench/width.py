@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.common import command_line, header, markdown_table, mean_sd, results_dir, write
 from bench.methods import LR_BOUNDS, Method
-from bench.runs import Pool, RunSpec, estimated_s
+from bench.runs import Pool, RunSpec
 from bench.search import Search, rungs
 from bench.tasks import MLP_PRETRAIN_STEPS, pretrained_mlp
 
@@ -234,12 +234,6 @@ def report(rows: Sequence[dict], tunings: Sequence[Tuning], sweep: Sweep, load: 
         "", markdown_table(head, body), "", "![width sweep](width_sweep.png)", "",
         f"Learning rates tried (seed 0; test loss after {checkpoints} steps):", "",
         markdown_table(["width", "method", "learning rate: loss"], searches), ""])
-
-
-def estimate(sweep: Sweep) -> tuple[int, float]:
-    """(the fewest training runs the sweep makes, their estimated seconds on one quiet core)."""
-    specs = sweep.least_runs()
-    return len(specs), sum(estimated_s(spec) for spec in specs)
 
 
 def main(quick: bool, jobs: int, reuse: bool) -> Path:
