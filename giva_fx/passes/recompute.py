@@ -66,18 +66,21 @@ def _segments(graph: fx.Graph, blocks: set[str]) -> list[list[fx.Node]]:
     node that writes in place to anything made outside its run (a block input, a buffer) stays
     outside too, since recomputing the run would read the written value."""
     runs: list[list[fx.Node]] = []
+    inside: set[fx.Node] = set()  # the nodes of the current run
     current: str | None = None
     for node in graph.nodes:
         if node.op == "get_attr":
             continue
         key = _block_of(node, blocks)
-        run = set(runs[-1]) if key is not None and key == current else set()
-        if key is not None and any(v not in run for v in written_inputs(node, as_trained=False)):
-            key = None
-        if key is not None and key == current:
+        if key != current:
+            inside = set()
+        if key is not None and any(v not in inside for v in written_inputs(node, as_trained=False)):
+            key, inside = None, set()
+        if key is not None:
+            if key != current:
+                runs.append([])
             runs[-1].append(node)
-        elif key is not None:
-            runs.append([node])
+            inside.add(node)
         current = key
     return runs
 
